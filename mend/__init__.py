@@ -1,0 +1,1 @@
+"""MEND: meta-trained editor networks that turn a fine-tuning gradient into a factual edit."""

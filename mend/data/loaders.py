@@ -1,0 +1,90 @@
+"""Load edit datasets into `EditRecord`s: the synthetic world, zsRE (MEND format) and CounterFact
+(EasyEdit format). Every loader yields the same record type and a pool of unrelated true facts
+(for locality terms in meta-training and for FT+KL)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+from mend.data.world import World
+from mend.errors import ConfigError
+from mend.records import EditRecord, EditSplit, Fact
+
+log = logging.getLogger(__name__)
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DEFAULT_PATHS = {
+    "synthetic": "data/synthetic_world.json",
+    "counterfact": str(SHARED_DATA / "counterfact" / "counterfact-train.json"),
+    "counterfact_val": str(SHARED_DATA / "counterfact" / "counterfact-val.json"),
+    "zsre": str(SHARED_DATA / "zsre" / "zsre_mend_train_1k.json"),
+}
+
+
+def _read_json(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"dataset file {path} not found")
+    data = json.loads(path.read_text())
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{path} should hold a non-empty JSON list of records")
+    return data
+
+
+def _pool(records: list[EditRecord]) -> list[Fact]:
+    """True facts found in the records: their own (prompt, ground_truth) and locality pairs."""
+    facts = [Fact(r.prompt, r.ground_truth) for r in records if r.ground_truth.strip()]
+    facts += [Fact(p, a) for r in records for p, a in zip(r.locality_prompt, r.locality_ground_truth) if a.strip()]
+    return facts
+
+
+def load_counterfact(path: str | Path) -> list[EditRecord]:
+    return [EditRecord.from_dict(d) for d in _read_json(path)]
+
+
+def load_zsre(path: str | Path) -> list[EditRecord]:
+    """zsRE in MEND's format. Records whose new answer (`alt`) is empty cannot be edits and are
+    skipped with a warning (the shared 1k file has a few)."""
+    records, skipped = [], 0
+    for i, d in enumerate(_read_json(path)):
+        missing = {"src", "alt", "rephrase", "loc", "loc_ans"} - set(d)
+        if missing:
+            raise ConfigError(f"{path} record {i} lacks zsRE field(s) {sorted(missing)}; is this a MEND-format zsRE file?")
+        if not d["alt"].strip():
+            skipped += 1
+            continue
+        records.append(EditRecord(
+            case_id=str(i), prompt=d["src"], target_new=d["alt"], subject=d.get("subject", ""),
+            ground_truth=(d.get("answers") or [""])[0], rephrase_prompt=(d["rephrase"],),
+            locality_prompt=(d["loc"],), locality_ground_truth=(d["loc_ans"],),
+        ))
+    if skipped:
+        log.warning("%s: skipped %d record(s) with an empty new answer (alt)", path, skipped)
+    return records
+
+
+def load_split(dataset: str, split: str, path: str | None = None, val_size: int = 200, seed: int = 0) -> EditSplit:
+    """`split` is train, val or test. For the synthetic world these are disjoint entity sets. For
+    a file dataset, `train`/`val` are a seeded split of the file (val: `val_size` records) and
+    `test` is the whole file (CounterFact's test file is counterfact-val)."""
+    if dataset == "synthetic":
+        return World.load(path or DEFAULT_PATHS["synthetic"]).edit_split(split)
+    loaders = {"counterfact": load_counterfact, "zsre": load_zsre}
+    if dataset not in loaders:
+        raise ConfigError(f"unknown dataset {dataset!r}; use one of synthetic, counterfact, zsre")
+    if split == "test" and path is None:
+        path = DEFAULT_PATHS["counterfact_val"] if dataset == "counterfact" else DEFAULT_PATHS["zsre"]
+    records = loaders[dataset](path or DEFAULT_PATHS[dataset])
+    if split != "test":
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        cut = set(order[:val_size])
+        records = [r for i, r in enumerate(records) if (i in cut) == (split == "val")]
+    return EditSplit(records=records, locality_pool=_pool(records))
+
+
+def dataset_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,152 @@
+"""Edit metrics, the same for the library, the server and the harness.
+
+Each metric is reported two ways:
+- teacher-forced token accuracy (`*_tf`, the EasyEdit convention): the share of target tokens that
+  are the model's top-1 prediction given the true previous tokens;
+- greedy exact match (`*_em`): greedy decoding reproduces the whole target. Greedy decoding emits
+  token k+1 after exactly the target's first k tokens whenever those were all emitted, so greedy
+  exact match equals "every teacher-forced position is top-1" and is computed from the same
+  forward pass (tests check this against real greedy decoding).
+
+Locality compares the edited model with the model before the edit on unrelated prompts:
+`locality_tf` is the share of the pre-edit top-1 tokens (teacher-forced on the true answer) that
+are unchanged; `locality_em` is whether greedy decoding of as many tokens as the true answer has
+gives the same tokens as before. Before an edit, `locality_*` instead report the base model's
+accuracy on the locality answers, so a reader sees how well it knew them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mend.batching import encode_ids, logits, tokenize_pairs
+from mend.records import EditRecord
+
+Weights = dict[str, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class EditMetrics:
+    reliability_tf: float
+    reliability_em: float
+    generality_tf: float  # NaN when the record has no paraphrase
+    generality_em: float
+    locality_tf: float  # NaN when the record has no locality prompt
+    locality_em: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LocalityReference:
+    """The pre-edit predictions that locality is measured against, one entry per locality prompt."""
+
+    prompt_ids: list[list[int]]
+    answer_ids: list[list[int]]  # tokens of the true answer (teacher-forcing context)
+    top1: list[list[int]]  # pre-edit top-1 token at each answer position
+    greedy: list[list[int]]  # pre-edit greedy continuation, len(answer) tokens
+
+
+@torch.no_grad()
+def score_ids(model, tokenizer, prompt_ids, target_ids, weights: Weights = None, batch_size: int = 64):
+    """Teacher-forced top-1 tokens for each pair: (list of (T_i,) tensors of predictions)."""
+    device = next(model.parameters()).device
+    preds = []
+    for i in range(0, len(prompt_ids), batch_size):
+        batch = encode_ids(tokenizer, prompt_ids[i : i + batch_size], target_ids[i : i + batch_size]).to(device)
+        top1 = logits(model, batch, weights).argmax(-1)  # (B, T-1)
+        mask = batch.target_mask
+        preds.extend(top1[j][mask[j]].cpu() for j in range(top1.shape[0]))
+    return preds
+
+
+def target_scores(model, tokenizer, prompts: list[str], targets: list[str], weights: Weights = None):
+    """(token accuracy, exact match) per (prompt, target) pair."""
+    if not prompts:
+        return []
+    p, t = tokenize_pairs(tokenizer, prompts, targets)
+    preds = score_ids(model, tokenizer, p, t, weights)
+    out = []
+    for pred, tgt in zip(preds, t):
+        hits = (pred == torch.tensor(tgt[: len(pred)])).float()
+        out.append((hits.mean().item(), float(bool(hits.all()) and len(pred) == len(tgt))))
+    return out
+
+
+@torch.no_grad()
+def greedy_decode(model, tokenizer, prompt_ids: list[list[int]], n_tokens: list[int], weights: Weights = None) -> list[list[int]]:
+    """Greedy continuation of each prompt, `n_tokens[i]` tokens long (no KV cache: targets are short)."""
+    device = next(model.parameters()).device
+    seqs = [list(p) for p in prompt_ids]
+    for step in range(max(n_tokens, default=0)):
+        live = [i for i, n in enumerate(n_tokens) if n > step]
+        dummy = [[0] for _ in live]  # one placeholder target token: logits at the last prompt position
+        batch = encode_ids(tokenizer, [seqs[i] for i in live], dummy).to(device)
+        out = logits(model, batch, weights)
+        last = batch.attention_mask.sum(-1) - 2  # index of the last real token in the shifted logits
+        nxt = out[torch.arange(len(live)), last].argmax(-1).tolist()
+        for i, tok in zip(live, nxt):
+            seqs[i].append(tok)
+    return [s[len(p):] for s, p in zip(seqs, prompt_ids)]
+
+
+def locality_reference(model, tokenizer, records: list[EditRecord], weights: Weights = None) -> LocalityReference:
+    prompts = [p for r in records for p in r.locality_prompt]
+    answers = [a for r in records for a in (r.locality_ground_truth or ("",) * len(r.locality_prompt))]
+    if any(not a.strip() for a in answers):
+        raise ValueError("locality prompts need their true answers (locality_ground_truth) to be measured")
+    p, a = tokenize_pairs(tokenizer, prompts, answers)
+    top1 = [x.tolist() for x in score_ids(model, tokenizer, p, a, weights)] if p else []
+    greedy = greedy_decode(model, tokenizer, p, [len(x) for x in a], weights)
+    return LocalityReference(p, a, top1, greedy)
+
+
+def _locality_after(model, tokenizer, ref: LocalityReference, weights: Weights):
+    if not ref.prompt_ids:
+        return []
+    tf = score_ids(model, tokenizer, ref.prompt_ids, ref.answer_ids, weights)
+    em = score_ids(model, tokenizer, ref.prompt_ids, ref.greedy, weights)
+    return [
+        ((pred == torch.tensor(pre)).float().mean().item(), float(bool((g == torch.tensor(pre_g)).all())))
+        for pred, pre, g, pre_g in zip(tf, ref.top1, em, ref.greedy)
+    ]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def measure(model, tokenizer, records: list[EditRecord], weights: Weights = None, reference: LocalityReference | None = None) -> list[EditMetrics]:
+    """Metrics for each record. Pass the pre-edit `reference` to measure locality after an edit;
+    without it locality is the model's accuracy on the locality answers (the pre-edit report)."""
+    rel = target_scores(model, tokenizer, [r.prompt for r in records], [r.target_new for r in records], weights)
+    gen_pairs = [(i, p) for i, r in enumerate(records) for p in r.rephrase_prompt]
+    gen = target_scores(model, tokenizer, [p for _, p in gen_pairs], [records[i].target_new for i, _ in gen_pairs], weights)
+    if reference is None:
+        loc_pairs = [(p, a) for r in records for p, a in zip(r.locality_prompt, r.locality_ground_truth)]
+        loc = target_scores(model, tokenizer, [p for p, _ in loc_pairs], [a for _, a in loc_pairs], weights)
+    else:
+        loc = _locality_after(model, tokenizer, reference, weights)
+    out, g, l_ = [], 0, 0
+    for i, r in enumerate(records):
+        gs = gen[g : g + len(r.rephrase_prompt)]
+        g += len(r.rephrase_prompt)
+        n_loc = len(r.locality_prompt) if reference is not None else len(r.locality_ground_truth)
+        ls = loc[l_ : l_ + n_loc]
+        l_ += n_loc
+        out.append(EditMetrics(
+            reliability_tf=rel[i][0], reliability_em=rel[i][1],
+            generality_tf=_mean([x[0] for x in gs]), generality_em=_mean([x[1] for x in gs]),
+            locality_tf=_mean([x[0] for x in ls]), locality_em=_mean([x[1] for x in ls]),
+        ))
+    return out
+
+
+def summarize(metrics: list[EditMetrics]) -> dict[str, float]:
+    """Mean of each metric over edits, ignoring NaN (records without paraphrases or locality)."""
+    keys = EditMetrics.__dataclass_fields__
+    return {k: _mean([getattr(m, k) for m in metrics if not math.isnan(getattr(m, k))]) for k in keys}

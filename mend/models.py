@@ -1,0 +1,46 @@
+"""Load a local Hugging Face causal LM and its tokenizer. Nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mend.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available: use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "float32"):
+    """(model, tokenizer) from a local directory written by `save_pretrained`; the model is in eval
+    mode with every parameter frozen (editors and baselines choose what to differentiate)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"no model at {path}: expected a directory written by save_pretrained (with config.json). "
+            "Build the default one with `mend build-base`, or point to a local model directory."
+        )
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} unknown; use one of {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(device)).eval()
+    model.requires_grad_(False)
+    log.info("loaded %s (%s, %.1fM parameters) on %s", path, model.config.model_type,
+             sum(p.numel() for p in model.parameters()) / 1e6, next(model.parameters()).device)
+    return model, tokenizer

@@ -1,0 +1,219 @@
+"""`mend COMMAND [key=value ...]`: the one entry point that reads the Hydra config.
+
+The config tree is `configs/mend.yaml` (+ `configs/profile/*.yaml`); it is composed once here and
+turned into the library's typed dataclasses, which is all the library ever sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+log = logging.getLogger("mend")
+
+
+def as_config(cls, node, **extra):
+    """A frozen library dataclass from a config section; unknown keys are an error naming the valid ones."""
+    values = {**OmegaConf.to_container(node, resolve=True), **extra} if node is not None else dict(extra)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise SystemExit(f"config error: unknown key(s) {sorted(unknown)} for {cls.__name__}; valid: {sorted(fields)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="mend", overrides=overrides)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def build_world(cfg: DictConfig) -> None:
+    from mend.data.world import WorldConfig, generate_world
+
+    path = Path(cfg.paths.world)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(generate_world(WorldConfig(seed=cfg.seed)), indent=1))
+    print(f"wrote {path}")
+
+
+def build_base(cfg: DictConfig) -> None:
+    from mend.base_model import BaseModelConfig, build_base_model
+
+    bm = as_config(BaseModelConfig, cfg.base_model, world_path=cfg.paths.world, seed=cfg.seed, device=cfg.device)
+    report = build_base_model(bm, cfg.paths.base_model)
+    print(f"base model: {report['parameters'] / 1e6:.2f}M parameters, trained {report['train_minutes']} min -> {cfg.paths.base_model}")
+    print(f"  greedy exact match on its training facts:    {report['train_facts']['exact_match']:.3f}")
+    print(f"  greedy exact match on held-out phrasings:     {report['held_out_phrasing']['exact_match']:.3f}")
+
+
+def _model(cfg):
+    from mend.models import load_model
+
+    return load_model(cfg.paths.base_model, device=cfg.device)
+
+
+def _split(cfg, split: str):
+    from mend.data.loaders import load_split
+
+    path = cfg.dataset.path or (cfg.paths.world if cfg.dataset.name == "synthetic" else None)
+    return load_split(cfg.dataset.name, split, path, val_size=cfg.dataset.val_size, seed=cfg.seed)
+
+
+def train_editor_cmd(cfg: DictConfig) -> None:
+    from mend.editor import EditorConfig
+    from mend.targets import resolve_targets
+    from mend.trainer import TrainConfig, train_editor
+
+    model, tok = _model(cfg)
+    targets = resolve_targets(model, cfg.targets.patterns, cfg.targets.n_last_blocks)
+    train, val = _split(cfg, "train"), _split(cfg, "val")
+    print(f"meta-training an editor for {[t.name for t in targets]} on {len(train.records)} {cfg.dataset.name} edits")
+    report = train_editor(
+        model, tok, targets, train, val, cfg.paths.editor,
+        as_config(EditorConfig, cfg.editor), as_config(TrainConfig, cfg.train, seed=cfg.seed),
+        provenance={"base_model": str(cfg.paths.base_model), "dataset": cfg.dataset.name},
+    )
+    best = max(report["history"], key=lambda h: h["score"])
+    print(f"editor -> {cfg.paths.editor} after {report['minutes']} min; best validation (step {best['step']}):")
+    for size in (1, 10):
+        print(f"  {size:>2} edit(s)/update: " + "  ".join(
+            f"{m} {best[f'b{size}_{m}_em']:.3f}" for m in ("reliability", "generality", "locality")))
+
+
+def _methods(cfg, model, names):
+    from mend.baselines import FineTune, FTConfig
+    from mend.checkpoint import load_editor
+    from mend.editing import MendMethod
+
+    editor = load_editor(cfg.paths.editor, model) if "MEND" in names else None
+    targets = editor.targets if editor else None
+    if targets is None:
+        from mend.targets import resolve_targets
+
+        targets = resolve_targets(model, cfg.targets.patterns, cfg.targets.n_last_blocks)
+    pool = _split(cfg, "test").locality_pool
+    made = {
+        "MEND": lambda: MendMethod(editor),
+        "FT": lambda: FineTune(targets, as_config(FTConfig, cfg.ft, c_kl=0.0)),
+        "FT+KL": lambda: FineTune(targets, as_config(FTConfig, cfg.ft), kl_pool=pool),
+    }
+    unknown = set(names) - set(made)
+    if unknown:
+        raise SystemExit(f"config error: unknown method(s) {sorted(unknown)}; known: {sorted(made)}")
+    return [made[n]() for n in names]
+
+
+def demo(cfg: DictConfig) -> None:
+    from mend.batching import tokenize_pairs
+    from mend.editing import edited_weights
+    from mend.evaluation import evaluate_method
+    from mend.metrics import greedy_decode
+
+    model, tok = _model(cfg)
+    (mend,) = _methods(cfg, model, ["MEND"])
+    records = _split(cfg, "test").records
+    print("\n== three single edits (each from the unedited model) ==")
+    for r in records[:3]:
+        deltas = mend.deltas(model, tok, [r])
+        prompts = [r.prompt, *r.rephrase_prompt, *r.locality_prompt]
+        p_ids, _ = tokenize_pairs(tok, prompts, ["x"] * len(prompts))
+        before = greedy_decode(model, tok, p_ids, [3] * len(prompts))
+        after = greedy_decode(model, tok, p_ids, [3] * len(prompts), edited_weights(model, deltas))
+        print(f"\nedit: {r.prompt!r} -> {r.target_new!r} (was {r.ground_truth!r})")
+        for p, b, a in zip(prompts, before, after):
+            print(f"  {p!r:55} before: {tok.decode(b)!r:22} after: {tok.decode(a)!r}")
+    for size, n in ((1, 30), (10, 30)):
+        res = evaluate_method(model, tok, mend, records[:n], batch_size=size)
+        s = res["post"]
+        print(f"\nMEND, {n} held-out edits, {size} per update (greedy exact match / teacher-forced):")
+        for m in ("reliability", "generality", "locality"):
+            print(f"  {m:12} {s[m + '_em']:.3f} / {s[m + '_tf']:.3f}")
+        print(f"  latency per update: {res['latency_s'] * 1000:.1f} ms")
+
+
+def evaluate(cfg: DictConfig) -> None:
+    from mend.evaluation import evaluate_method, markdown_table, pre_edit_metrics
+
+    model, tok = _model(cfg)
+    records = _split(cfg, "test").records[: cfg.eval.n_edits]
+    methods = _methods(cfg, model, list(cfg.eval.methods))
+    rows = [evaluate_method(model, tok, m, records, b) for b in cfg.eval.batch_sizes for m in methods]
+    pre = pre_edit_metrics(model, tok, records)
+    table = markdown_table(rows, pre)
+    print(f"\n{cfg.dataset.name}: {len(records)} edits\n{table}")
+    out = Path(cfg.paths.runs) / f"eval-{cfg.dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), "pre": pre, "rows": rows}, indent=1))
+    (out / "table.md").write_text(table + "\n")
+    print(f"report -> {out}")
+
+
+def bench(cfg: DictConfig) -> None:
+    from mend.benchmark import run_benchmark
+
+    model, tok = _model(cfg)
+    methods = _methods(cfg, model, ["MEND", "FT", "FT+KL"])
+    result = run_benchmark(model, tok, methods, _split(cfg, "test").records, cfg.bench.repeats)
+    print(f"median over {cfg.bench.repeats} single edits on {next(model.parameters()).device}:")
+    print(f"  forward+backward of the base model: {result['forward_backward_s'] * 1000:8.2f} ms")
+    for m in methods:
+        print(f"  {m.name:6} edit: {result[m.name + '_s'] * 1000:8.2f} ms  "
+              f"({result[m.name + '_over_forward_backward']:.2f}x forward+backward)")
+
+
+def quickstart(cfg: DictConfig) -> None:
+    """Build what is missing, then run the demo (the README's main job)."""
+    if not (Path(cfg.paths.base_model) / "config.json").is_file():
+        build_base(cfg)
+    if not (Path(cfg.paths.editor) / "editor.json").is_file():
+        train_editor_cmd(cfg)
+    demo(cfg)
+
+
+COMMANDS = {
+    "build-world": (build_world, "regenerate the synthetic world in data/"),
+    "build-base": (build_base, "train the default base model on the synthetic world"),
+    "train-editor": (train_editor_cmd, "meta-train a MEND editor for the base model"),
+    "demo": (demo, "apply example edits and print what changed"),
+    "eval": (evaluate, "compare MEND, FT and FT+KL on held-out edits"),
+    "bench": (bench, "edit latency next to one forward+backward pass"),
+    "quickstart": (quickstart, "build (quick profile unless told otherwise), train, demo"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mend", description="MEND model editing: build, train, edit, evaluate.")
+    parser.add_argument("command", choices=COMMANDS, help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (see configs/mend.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides)
+    if args.command == "quickstart" and not any(o.startswith("profile=") for o in overrides):
+        overrides.append("profile=quick")
+    cfg = load_config(overrides)
+    torch.manual_seed(cfg.seed)
+    from mend.errors import MendError
+
+    try:
+        COMMANDS[args.command][0](cfg)
+    except MendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Tiny models built from configs (never downloaded) and a tiny synthetic world to edit them with."""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from mend.base_model import train_tokenizer
+from mend.data.world import World, WorldConfig, generate_world
+from mend.models import load_model
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def world_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("world") / "world.json"
+    path.write_text(json.dumps(generate_world(WorldConfig(n_entities=60, n_val_entities=10, n_test_entities=10))))
+    return path
+
+
+@pytest.fixture(scope="session")
+def world(world_path):
+    return World.load(world_path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(world):
+    return train_tokenizer([f"{f.prompt} {f.answer}" for f in world.training_facts()], vocab_size=400)
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer),
+                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return _save(GPT2LMHeadModel(cfg), tokenizer, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=64,
+                      bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return _save(LlamaForCausalLM(cfg), tokenizer, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture
+def gpt2(gpt2_dir):
+    return load_model(gpt2_dir, device="cpu")
+
+
+@pytest.fixture
+def llama(llama_dir):
+    return load_model(llama_dir, device="cpu")

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from mend.batching import encode
+from mend.capture import edit_factors
+from mend.checkpoint import load_editor, save_editor
+from mend.editing import MendMethod, edited_weights
+from mend.editor import EditorConfig, MendEditor
+from mend.errors import CheckpointMismatchError
+from mend.records import EditRecord
+from mend.targets import resolve_targets
+
+EDIT = EditRecord(prompt="Alpha was born in", target_new="Drelkio")
+
+
+def warmed_editor(model, tok, targets, step_init):
+    """An untrained editor whose normalisation statistics have seen a few edits."""
+    editor = MendEditor(targets, EditorConfig(rank=16, step_init=step_init)).train()
+    batch = encode(tok, ["Alpha was born in", "Beta speaks", "Gamma plays the"], ["Drelkio", "Rosish", "harp"])
+    editor(edit_factors(model, targets, batch))
+    return editor.eval()
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "llama"])
+def test_untrained_editor_is_identity(fixture, request):
+    model, tok = request.getfixturevalue(fixture)
+    targets = resolve_targets(model, n_last_blocks=1)
+    editor = warmed_editor(model, tok, targets, 1e-3)
+    u = torch.randn(5, targets[0].fan_in)
+    d = torch.randn(5, targets[0].fan_out)
+    net = editor.nets[targets[0].shape_key]
+    u_out, d_out = net(u, d, 0)
+    assert torch.equal(u_out, u) and torch.equal(d_out, d)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "llama"])
+def test_zero_step_changes_nothing_and_nonzero_step_changes_predictions(fixture, request):
+    model, tok = request.getfixturevalue(fixture)
+    targets = resolve_targets(model, n_last_blocks=2)
+    batch = encode(tok, [EDIT.prompt], [EDIT.target_new])
+    before = model(input_ids=batch.input_ids).logits
+
+    zero = MendMethod(warmed_editor(model, tok, targets, 0.0)).deltas(model, tok, [EDIT])
+    assert set(zero) == {t.param_name for t in targets}
+    assert all(float(d.abs().max()) == 0.0 for d in zero.values())
+
+    editor = warmed_editor(model, tok, targets, 1.0)
+    deltas = MendMethod(editor).deltas(model, tok, [EDIT])
+    params = dict(model.named_parameters())
+    assert all(d.shape == params[k].shape for k, d in deltas.items())
+    after = torch.func.functional_call(model, edited_weights(model, deltas), (batch.input_ids,)).logits
+    assert not torch.allclose(before, after)
+    assert torch.equal(model(input_ids=batch.input_ids).logits, before)  # the model itself is unchanged
+
+
+def test_checkpoint_round_trip_is_exact(gpt2, tmp_path):
+    model, tok = gpt2
+    targets = resolve_targets(model, n_last_blocks=2)
+    editor = warmed_editor(model, tok, targets, 1e-2)
+    with torch.no_grad():
+        for p in editor.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # make it non-trivial
+    save_editor(editor, tmp_path, model.config.model_type)
+    loaded = load_editor(tmp_path, model)
+    a, b = editor.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = MendMethod(editor).deltas(model, tok, [EDIT])
+    y = MendMethod(loaded).deltas(model, tok, [EDIT])
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.bin"))  # no pickles
+
+
+def test_mismatched_checkpoint_is_refused(gpt2, llama, tmp_path):
+    model, tok = gpt2
+    save_editor(warmed_editor(model, tok, resolve_targets(model, n_last_blocks=2), 1e-2), tmp_path, "gpt2")
+    with pytest.raises(CheckpointMismatchError, match="trained for a gpt2 model, not llama"):
+        load_editor(tmp_path, llama[0])
+    with pytest.raises(CheckpointMismatchError, match="no editor checkpoint"):
+        load_editor(tmp_path / "missing", model)
+
+
+def test_batch_of_edits_gives_one_combined_update(gpt2):
+    model, tok = gpt2
+    targets = resolve_targets(model, n_last_blocks=1)
+    editor = warmed_editor(model, tok, targets, 1e-2)
+    method = MendMethod(editor)
+    second = EditRecord(prompt="Beta speaks", target_new="Rosish")
+    both = method.deltas(model, tok, [EDIT, second])
+    a, b = method.deltas(model, tok, [EDIT]), method.deltas(model, tok, [second])
+    for k in both:  # identity editor: factors are per token, so the batch update is the sum
+        torch.testing.assert_close(both[k], a[k] + b[k], rtol=1e-4, atol=1e-6)

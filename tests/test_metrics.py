@@ -1,0 +1,80 @@
+import math
+
+import torch
+
+from mend.batching import encode, logits, masked_kl, target_nll, tokenize_pairs
+from mend.metrics import greedy_decode, locality_reference, measure, summarize, target_scores
+from mend.records import EditRecord
+
+
+def test_greedy_exact_match_agrees_with_real_greedy_decoding(gpt2):
+    model, tok = gpt2
+    prompts = ["Alpha was born in", "The hometown of Beta is", "Gamma speaks"]
+    p_ids, _ = tokenize_pairs(tok, prompts, ["x"] * 3)
+    decoded = greedy_decode(model, tok, p_ids, [3, 3, 3])
+    for ids, cont in zip(p_ids, decoded):  # against transformers' own greedy generate
+        out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+        assert out[0, len(ids):].tolist() == cont
+    # the model's own continuation is an exact match, one changed token is not
+    targets = [tok.decode(c) for c in decoded]
+    scores = target_scores(model, tok, prompts, [t.strip() for t in targets])
+    for (acc, em), cont, t in zip(scores, decoded, targets):
+        if tok(" " + t.strip(), add_special_tokens=False)["input_ids"] == cont:  # round-trips through text
+            assert (acc, em) == (1.0, 1.0)
+
+
+def test_token_accuracy_by_hand(gpt2):
+    model, tok = gpt2
+    prompt = "Alpha was born in"
+    p_ids, _ = tokenize_pairs(tok, [prompt], ["x"])
+    top = greedy_decode(model, tok, p_ids, [1])[0][0]
+    wrong = (top + 1) % len(tok)
+    # target = [top, wrong]: first position right, second position judged after `top`
+    batch_logits = model(input_ids=torch.tensor([p_ids[0] + [top]])).logits[0, -1]
+    second_top = int(batch_logits.argmax())
+    target_ids = [top, wrong if wrong != second_top else (wrong + 1) % len(tok)]
+    from mend.metrics import score_ids
+
+    pred = score_ids(model, tok, p_ids, [target_ids])[0]
+    assert pred.tolist() == [top, second_top]
+    hits = (pred == torch.tensor(target_ids)).float()
+    assert hits.mean().item() == 0.5 and not bool(hits.all())
+
+
+def test_unedited_model_has_perfect_locality_and_nan_for_missing_fields(gpt2):
+    model, tok = gpt2
+    records = [
+        EditRecord(prompt="Alpha was born in", target_new="Drelkio", rephrase_prompt=("Alpha is a native of",),
+                   locality_prompt=("Beta speaks",), locality_ground_truth=("Rosish",)),
+        EditRecord(prompt="Gamma plays the", target_new="harp"),
+    ]
+    ref = locality_reference(model, tok, records)
+    m = measure(model, tok, records, None, ref)
+    assert m[0].locality_tf == 1.0 and m[0].locality_em == 1.0
+    assert math.isnan(m[1].generality_tf) and math.isnan(m[1].locality_em)
+    s = summarize(m)
+    assert s["locality_em"] == 1.0 and not math.isnan(s["reliability_tf"])
+
+
+def test_losses_by_hand():
+    vocab = 4
+    batch = encode_stub()
+    lg = torch.zeros(1, 2, vocab)  # uniform
+    assert torch.allclose(target_nll(lg, batch), torch.tensor([math.log(vocab)]))
+    assert masked_kl(lg, lg, torch.ones(1, 2)).item() == 0.0
+    peaked = lg.clone()
+    peaked[0, :, 0] = 10.0
+    assert masked_kl(lg, peaked, torch.ones(1, 2)).item() > 0
+
+
+def encode_stub():
+    from mend.batching import TargetBatch
+
+    return TargetBatch(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long), torch.tensor([[-100, -100, 3]]))
+
+
+def test_encode_marks_only_target_tokens(tokenizer):
+    batch = encode(tokenizer, ["Alpha was born in", "Beta speaks"], ["Drelkio", "Rosish"])
+    for row, mask in zip(batch.labels, batch.attention_mask):
+        labelled = row[row != -100]
+        assert len(labelled) >= 1 and (row[mask == 0] == -100).all()

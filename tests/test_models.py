@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from mend.errors import ConfigError
+from mend.models import load_model, resolve_device
+
+
+def test_loads_local_gpt2_and_llama_frozen_in_eval_mode(gpt2, llama):
+    for model, tok in (gpt2, llama):
+        assert not model.training
+        assert all(not p.requires_grad for p in model.parameters())
+        assert tok.pad_token_id is not None
+        out = model(**tok(["Alpha was born in"], return_tensors="pt"))
+        assert out.logits.shape[-1] == model.config.vocab_size
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no model at .*mend build-base"):
+        load_model(tmp_path / "nothing")
+
+
+def test_auto_device_is_cpu_without_cuda():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
