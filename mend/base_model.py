@@ -31,14 +31,14 @@ EOS = "<|endoftext|>"
 @dataclass(frozen=True)
 class BaseModelConfig:
     world_path: str = "data/synthetic_world.json"
-    vocab_size: int = 2048
+    vocab_size: int = 4096
     n_layer: int = 4
     n_embd: int = 256
     n_head: int = 4
     n_positions: int = 128
     batch_size: int = 64
     lr: float = 2e-3
-    epochs: int = 40
+    epochs: int = 20
     warmup_steps: int = 200
     eval_every_epochs: int = 5
     eval_facts: int = 800  # facts sampled for the accuracy printed during training
@@ -55,7 +55,7 @@ class BaseModelConfig:
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # "Ann" = " Ann": one token per name
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False

@@ -13,6 +13,7 @@ training stops early after `patience` validations without improvement.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -24,9 +25,9 @@ from mend.batching import encode, logits, masked_kl, target_nll
 from mend.capture import edit_factors
 from mend.checkpoint import save_editor
 from mend.editing import MendMethod, edited_weights
+from mend.evaluation import evaluate_method
 from mend.editor import EditorConfig, MendEditor
 from mend.errors import ConfigError
-from mend.metrics import locality_reference, measure, summarize
 from mend.records import EditRecord, EditSplit, Fact
 from mend.targets import EditTarget
 
@@ -35,15 +36,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 6000
+    steps: int = 12000
     batch_sizes: tuple[int, ...] = (1, 10)  # edits per step, cycled
     locality_per_step: int = 16  # unrelated facts in each KL term
     lr: float = 1e-4  # editor network
     step_lr: float = 1e-4  # the per-layer edit steps α_l
     c_edit: float = 1.0
-    c_loc: float = 1.0
+    c_loc: float = 3.0
     grad_clip: float = 100.0
-    val_every: int = 500
+    cosine_decay: bool = True  # both learning rates follow a cosine from 1x to 0.1x over `steps`
+    val_every: int = 1000
     val_edits: int = 100  # single edits per validation (plus the same edits in batches of 10)
     patience: int = 4  # validations without improvement before stopping
     seed: int = 0
@@ -84,28 +86,14 @@ def meta_loss(model, editor: MendEditor, tokenizer, records: list[EditRecord], l
 
 def validate(model, tokenizer, editor: MendEditor, records: list[EditRecord]) -> dict[str, float]:
     """Greedy exact-match metrics for single edits and for batches of 10; `score` averages them."""
-    method = MendMethod(editor)
-    reference = locality_reference(model, tokenizer, records)
     results = {}
     for size in (1, 10):
-        metrics = []
-        for i in range(0, len(records), size):
-            chunk = records[i : i + size]
-            ref = locality_reference(model, tokenizer, chunk) if size > 1 else None
-            w = edited_weights(model, method.deltas(model, tokenizer, chunk))
-            metrics += measure(model, tokenizer, chunk, w, ref or _slice_reference(reference, i))
-        s = summarize(metrics)
+        s = evaluate_method(model, tokenizer, MendMethod(editor), records, batch_size=size)["post"]
         results.update({f"b{size}_{k}": v for k, v in s.items()})
     keys = [f"b{n}_{m}_em" for n in (1, 10) for m in ("reliability", "generality", "locality")]
     results["score"] = sum(results[k] for k in keys) / len(keys)
     editor.train()
     return results
-
-
-def _slice_reference(ref, i):
-    from mend.metrics import LocalityReference
-
-    return LocalityReference(ref.prompt_ids[i : i + 1], ref.answer_ids[i : i + 1], ref.top1[i : i + 1], ref.greedy[i : i + 1])
 
 
 def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, val: EditSplit,
@@ -119,6 +107,8 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
     step_params = [editor.steps]
     net_params = [p for n, p in editor.named_parameters() if n != "steps"]
     opt = torch.optim.Adam([{"params": net_params, "lr": cfg.lr}, {"params": step_params, "lr": cfg.step_lr}])
+    decay = (lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / cfg.steps))) if cfg.cosine_decay else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     val_records = val.records[: cfg.val_edits]
     history, best, stale, start = [], -1.0, 0, time.time()
     bar = tqdm(range(1, cfg.steps + 1), desc="meta-train", unit="step", mininterval=5)
@@ -132,6 +122,7 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.grad_clip)
         opt.step()
+        sched.step()
         running = {key: parts[key] if step == 1 else 0.98 * running[key] + 0.02 * parts[key] for key in parts}
         bar.set_postfix(edit=f"{running['edit']:.3f}", loc=f"{running['loc']:.4f}", refresh=False)
         if step % cfg.val_every == 0 or step == cfg.steps:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from mend.base_model import train_tokenizer
+from mend.base_model import BaseModelConfig, build_base_model, train_tokenizer
 from mend.data.world import World, WorldConfig, generate_world
 from mend.models import load_model
 
@@ -16,7 +16,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def world_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("world") / "world.json"
-    path.write_text(json.dumps(generate_world(WorldConfig(n_entities=60, n_val_entities=10, n_test_entities=10))))
+    path.write_text(json.dumps(generate_world(WorldConfig(n_entities=60, n_val_entities=10, n_test_entities=10, n_locality_entities=10))))
     return path
 
 
@@ -61,3 +61,13 @@ def gpt2(gpt2_dir):
 @pytest.fixture
 def llama(llama_dir):
     return load_model(llama_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_gpt2_dir(tmp_path_factory, world_path):
+    """A tiny GPT-2 trained on the tiny world by the real base-model builder (~15 s)."""
+    out = tmp_path_factory.mktemp("trained_gpt2")
+    build_base_model(BaseModelConfig(world_path=str(world_path), vocab_size=400, n_layer=2, n_embd=32, n_head=2,
+                                     n_positions=64, epochs=40, eval_every_epochs=40, eval_facts=50, lr=5e-3,
+                                     warmup_steps=20, device="cpu"), out)
+    return out

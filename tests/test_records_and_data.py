@@ -34,7 +34,7 @@ def test_easyedit_dict_round_trip():
 
 
 def test_world_is_deterministic_and_splits_are_disjoint(world):
-    cfg = WorldConfig(n_entities=60, n_val_entities=10, n_test_entities=10)
+    cfg = WorldConfig(n_entities=60, n_val_entities=10, n_test_entities=10, n_locality_entities=10)
     assert generate_world(cfg) == generate_world(cfg)
     subjects = {s: {r.subject for r in world.edit_split(s).records} for s in ("train", "val", "test")}
     assert not (subjects["train"] & subjects["test"]) and not (subjects["val"] & subjects["test"])

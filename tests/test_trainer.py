@@ -1,3 +1,4 @@
+import json
 import random
 
 import pytest
@@ -5,36 +6,38 @@ import torch
 
 from mend.checkpoint import load_editor, read_meta
 from mend.editor import EditorConfig, MendEditor
+from mend.models import load_model
 from mend.targets import resolve_targets
 from mend.trainer import TrainConfig, _locality_facts, meta_loss, train_editor
 
 
-def post_edit_loss(model, tok, editor, split, cfg):
+def held_out_meta_loss(model, tok, editor, split, cfg):
+    """The meta-training objective on validation edits, with fixed locality draws."""
     rng = random.Random(1)
-    parts = []
-    for r in split.records[:8]:
+    total = 0.0
+    for r in split.records[:16]:
         loc = _locality_facts(split.locality_pool, [r], 8, rng)
         with torch.no_grad():
-            parts.append(meta_loss(model, editor, tok, [r], loc, cfg)[1]["edit"])
-    return sum(parts) / len(parts)
+            total += meta_loss(model, editor, tok, [r], loc, cfg)[0].item()
+    return total / 16
 
 
 @pytest.mark.slow
-def test_short_meta_training_lowers_post_edit_loss(gpt2, world, tmp_path):
-    model, tok = gpt2
+def test_short_meta_training_lowers_post_edit_loss(trained_gpt2_dir, world, tmp_path):
+    model, tok = load_model(trained_gpt2_dir, device="cpu")
+    report = json.loads((trained_gpt2_dir / "build_report.json").read_text())
+    assert report["train_facts"]["token_acc"] > 0.3  # the builder really taught the tiny model its facts
     targets = resolve_targets(model, n_last_blocks=2)
     train, val = world.edit_split("train"), world.edit_split("val")
     editor_cfg = EditorConfig(rank=32, step_init=1e-2)
-    cfg = TrainConfig(steps=120, batch_sizes=(1, 4), lr=1e-3, step_lr=1e-2, val_every=60, val_edits=10, locality_per_step=8)
+    cfg = TrainConfig(steps=150, batch_sizes=(1, 4), lr=1e-3, step_lr=1e-3, val_every=50, val_edits=10, locality_per_step=8)
 
     untrained = MendEditor(targets, editor_cfg).train()
     for r in train.records[:20]:  # give the untrained editor the same kind of normalisation statistics
         meta_loss(model, untrained, tok, [r], train.locality_pool[:8], cfg)
-    untrained.eval()
-    before = post_edit_loss(model, tok, untrained, val, cfg)
+    before = held_out_meta_loss(model, tok, untrained.eval(), val, cfg)
 
     report = train_editor(model, tok, targets, train, val, tmp_path, editor_cfg, cfg)
-    trained = load_editor(tmp_path, model)
-    after = post_edit_loss(model, tok, trained, val, cfg)
-    assert after < 0.8 * before, (before, after)
-    assert report["history"] and read_meta(tmp_path)["validation"]["step"] in (60, 120)
+    after = held_out_meta_loss(model, tok, load_editor(tmp_path, model), val, cfg)
+    assert after < 0.7 * before, (before, after)
+    assert len(report["history"]) >= 1 and read_meta(tmp_path)["validation"]["step"] in (50, 100, 150)

@@ -1,0 +1,38 @@
+"""The `mend` entry point end to end on a tiny model: config overrides reach the library."""
+
+import json
+
+import pytest
+
+from mend_cli.main import main
+
+
+@pytest.mark.slow
+def test_build_train_eval_bench_on_a_tiny_model(tmp_path, world_path, capsys):
+    common = [f"paths.world={world_path}", f"paths.base_model={tmp_path}/base", f"paths.editor={tmp_path}/editor",
+              f"paths.runs={tmp_path}/runs", "device=cpu"]
+    tiny = ["base_model.n_layer=2", "base_model.n_embd=32", "base_model.n_head=2", "base_model.epochs=2",
+            "base_model.eval_every_epochs=1", "base_model.eval_facts=20", "base_model.vocab_size=400"]
+    assert main(["build-base", *common, *tiny]) == 0
+    report = json.loads((tmp_path / "base" / "build_report.json").read_text())
+    assert report["config"]["n_layer"] == 2 and len(report["history"]) == 2
+
+    train = ["targets.n_last_blocks=1", "editor.rank=16", "train.steps=20", "train.val_every=10", "train.val_edits=10"]
+    assert main(["train-editor", *common, *train]) == 0
+    meta = json.loads((tmp_path / "editor" / "editor.json").read_text())
+    assert [t["name"] for t in meta["targets"]] == ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+
+    assert main(["eval", *common, "eval.n_edits=10", "eval.batch_sizes=[1,5]"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    rows = json.loads((run / "report.json").read_text())["rows"]
+    assert [(r["method"], r["batch_size"]) for r in rows] == [(m, b) for b in (1, 5) for m in ("MEND", "FT", "FT+KL")]
+    ft = next(r for r in rows if r["method"] == "FT" and r["batch_size"] == 1)
+    assert ft["post"]["reliability_tf"] > 0.5  # FT drives its edits to the target
+
+    assert main(["bench", *common, "bench.repeats=2"]) == 0
+    assert "forward+backward of the base model" in capsys.readouterr().out
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(SystemExit, match="unknown key"):
+        main(["build-base", "+base_model.n_layers=2"])
