@@ -61,7 +61,10 @@ def load_editor(path: str | Path, model) -> MendEditor:
             f"the model has {[(t.name, t.fan_in, t.fan_out) for t in actual]}"
         )
     editor = MendEditor(saved, EditorConfig(**meta["editor"]))
-    editor.load_state_dict(load_file(tensor_file))
+    try:
+        editor.load_state_dict(load_file(tensor_file))
+    except (RuntimeError, OSError) as e:  # missing/extra/misshapen tensors, unreadable file
+        raise CheckpointMismatchError(f"editor tensors at {tensor_file} do not match editor.json: {e}") from e
     device = next(model.parameters()).device
     return editor.to(device).eval()
 

@@ -61,11 +61,13 @@ def _locality_facts(pool: list[Fact], records: list[EditRecord], n: int, rng: ra
     """Unrelated facts: none may mention a subject being edited (its facts are meant to change)."""
     subjects = [r.subject or r.prompt for r in records]
     out = []
-    while len(out) < n:
+    for _ in range(100 * n):
         f = rng.choice(pool)
         if not any(s in f.prompt for s in subjects):
             out.append(f)
-    return out
+            if len(out) == n:
+                return out
+    raise ConfigError(f"the locality pool ({len(pool)} facts) has too few facts unrelated to the edited subjects {subjects}")
 
 
 def meta_loss(model, editor: MendEditor, tokenizer, records: list[EditRecord], loc: list[Fact], cfg: TrainConfig):

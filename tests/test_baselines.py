@@ -26,4 +26,4 @@ def test_ft_and_ft_kl_reach_the_target_on_target_layers_only(gpt2, world):
 
 def test_ft_kl_without_a_pool_is_a_config_error(gpt2):
     with pytest.raises(ConfigError, match="pool of unrelated facts"):
-        FineTune(resolve_targets(gpt2[0]), FTConfig(c_kl=1.0))
+        FineTune(resolve_targets(gpt2[0], n_last_blocks=2), FTConfig(c_kl=1.0))

@@ -77,6 +77,11 @@ def test_mismatched_checkpoint_is_refused(gpt2, llama, tmp_path):
         load_editor(tmp_path, llama[0])
     with pytest.raises(CheckpointMismatchError, match="no editor checkpoint"):
         load_editor(tmp_path / "missing", model)
+    other = resolve_targets(model, n_last_blocks=1)  # tensors of a different editor under the same json
+    save_editor(warmed_editor(model, tok, other, 1e-2), tmp_path / "other", "gpt2")
+    (tmp_path / "other" / "editor.safetensors").replace(tmp_path / "editor.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="do not match editor.json"):
+        load_editor(tmp_path, model)
 
 
 def test_batch_of_edits_gives_one_combined_update(gpt2):
