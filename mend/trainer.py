@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 12000
-    batch_sizes: tuple[int, ...] = (1, 10)  # edits per step, cycled
+    steps: int = 6000
+    batch_sizes: tuple[int, ...] = (1, 10, 10)  # edits per step, cycled: two of three steps train batch editing
     locality_per_step: int = 16  # unrelated facts in each KL term
     lr: float = 1e-4  # editor network
     step_lr: float = 1e-4  # the per-layer edit steps α_l
