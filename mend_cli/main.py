@@ -134,7 +134,7 @@ def demo(cfg: DictConfig) -> None:
         after = greedy_decode(model, tok, p_ids, [3] * len(prompts), edited_weights(model, deltas))
         print(f"\nedit: {r.prompt!r} -> {r.target_new!r} (was {r.ground_truth!r})")
         for p, b, a in zip(prompts, before, after):
-            print(f"  {p!r:55} before: {tok.decode(b)!r:22} after: {tok.decode(a)!r}")
+            print(f"  {p!r:55} before: {tok.decode(b, skip_special_tokens=True)!r:22} after: {tok.decode(a, skip_special_tokens=True)!r}")
     for size, n in ((1, 30), (10, 30)):
         res = evaluate_method(model, tok, mend, records[:n], batch_size=size)
         s = res["post"]
