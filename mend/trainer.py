@@ -25,9 +25,9 @@ from mend.batching import encode, logits, masked_kl, target_nll
 from mend.capture import edit_factors
 from mend.checkpoint import save_editor
 from mend.editing import MendMethod, edited_weights
-from mend.evaluation import evaluate_method
 from mend.editor import EditorConfig, MendEditor
 from mend.errors import ConfigError
+from mend.evaluation import evaluate_method
 from mend.records import EditRecord, EditSplit, Fact
 from mend.targets import EditTarget
 
