@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mend.editor import EditorConfig, MendEditor
 from mend.errors import CheckpointMismatchError, TargetResolutionError
+from mend.models import files_hash
 from mend.targets import EditTarget, resolve_targets
 
 FORMAT_VERSION = 1
@@ -71,3 +72,8 @@ def load_editor(path: str | Path, model) -> MendEditor:
 
 def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / "editor.json").read_text())
+
+
+def editor_hash(path: str | Path) -> str:
+    path = Path(path)
+    return files_hash([path / "editor.json", path / "editor.safetensors"])

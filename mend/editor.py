@@ -107,17 +107,27 @@ class MendEditor(nn.Module):
         self.delta_norms = nn.ModuleList(RunningNorm(t.fan_out, cfg.norm_eps) for t in targets)
         self.steps = nn.Parameter(torch.full((len(targets),), cfg.step_init))
 
-    def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: ΔW in the weight's layout}.
+    def low_rank(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: (a, b)} with ΔW = aᵀ b in the
+        (fan_in, fan_out) layout: a = -α_l ũ (N, fan_in), b = δ̃ (N, fan_out).
 
-        Every token of every edit in `factors` contributes to one combined update per layer.
+        In eval mode each token row is edited independently, so the factors of a batch split by
+        rows into the factors of each edit: the service stores them per edit, 100x smaller than ΔW.
         """
-        deltas = {}
+        out = {}
         for i, t in enumerate(self.targets):
             u, delta = factors[t.param_name]
             if self.training:
                 self.u_norms[i].update(u)
                 self.delta_norms[i].update(delta)
             u_t, delta_t = self.nets[t.shape_key](self.u_norms[i](u), self.delta_norms[i](delta), self.layer_index[t.param_name])
-            deltas[t.param_name] = t.to_weight_layout(-self.steps[i] * (u_t.T @ delta_t))  # (fan_in, fan_out) -> layout
-        return deltas
+            out[t.param_name] = (-self.steps[i] * u_t, delta_t)
+        return out
+
+    def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: ΔW in the weight's layout}.
+
+        Every token of every edit in `factors` contributes to one combined update per layer.
+        """
+        targets = {t.param_name: t for t in self.targets}
+        return {name: targets[name].to_weight_layout(a.T @ b) for name, (a, b) in self.low_rank(factors).items()}

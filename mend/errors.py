@@ -19,3 +19,23 @@ class CheckpointMismatchError(MendError, ValueError):
 
 class ConfigError(MendError, ValueError):
     """A configuration value is out of range; the message says what to change."""
+
+
+class EditNotFoundError(MendError, KeyError):
+    """No edit (or revision) with the given id exists in the journal."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NoEditorError(MendError):
+    """An edit was asked of a service that has no trained editor loaded."""
+
+
+class StateConflictError(MendError):
+    """The request is valid but the journal's state forbids it (edit already rolled back,
+    request_id reused for a different request, journal written for another base model)."""
+
+
+class DeadlineExceededError(MendError):
+    """The caller's deadline passed before the work could start; nothing was changed."""

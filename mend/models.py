@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -44,3 +45,23 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "float32"):
     log.info("loaded %s (%s, %.1fM parameters) on %s", path, model.config.model_type,
              sum(p.numel() for p in model.parameters()) / 1e6, next(model.parameters()).device)
     return model, tokenizer
+
+
+def files_hash(files: list[Path]) -> str:
+    """sha256 over the names and bytes of `files` (in the given order)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_hash(path: str | Path) -> str:
+    """Identity of a saved model: its config and weight files (tokenizer files do not change weights)."""
+    path = Path(path)
+    weights = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise ConfigError(f"no weight files (*.safetensors, *.bin) in {path}")
+    return files_hash([path / "config.json", *weights])

@@ -176,6 +176,10 @@ class World:
         """Every fact in the one phrasing the base model never saw for it."""
         return [Fact(self.prompt(f, f["held_out_template"]), f["object"]) for f in self.facts]
 
+    def locality_probes(self) -> list[Fact]:
+        """True facts of the never-edited `locality` entities, each in its first trained phrasing."""
+        return [Fact(self.prompt(f, self.trained_templates(f)[0]), f["object"]) for f in self.facts if f["split"] == "locality"]
+
     def edit_split(self, split: str) -> EditSplit:
         """Counterfactual edits for every fact of `split`'s entities, one per fact.
 

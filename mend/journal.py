@@ -1,0 +1,214 @@
+"""The durable edit journal: SQLite (WAL) for records, one safetensors file of factors per edit.
+
+Tables
+- `meta`: the base model's hash the journal belongs to.
+- `revisions`: one row per state change (revision 0 is the base model, never stored): an `apply`
+  of one or more edits, a `rollback` of one edit, or a `rollback_to` an earlier revision.
+  `request_id` (unique) makes applies idempotent; `fingerprint` detects a reused id.
+- `edits`: one immutable row per edit, in application order (`seq`), pointing to its factors file.
+- `events`: which edits each revision activated or deactivated. The active set at any revision is
+  the last event of each edit up to it, so any past state can be restored exactly.
+
+Durability: a factors file is written to a temporary name, fsynced and renamed before the
+transaction that references it commits (synchronous=FULL). A crash before the commit leaves an
+unreferenced file, removed at the next open; after it, the edit is complete on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mend.errors import EditNotFoundError, StateConflictError
+from mend.records import EditRecord
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # param_name -> (a, b), ΔW = aᵀ b
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revisions (
+    revision INTEGER PRIMARY KEY, kind TEXT NOT NULL, request_id TEXT UNIQUE, fingerprint TEXT,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS edits (
+    seq INTEGER PRIMARY KEY, edit_id TEXT UNIQUE NOT NULL, revision INTEGER NOT NULL,
+    record TEXT NOT NULL, pre TEXT NOT NULL, post TEXT NOT NULL, factors_file TEXT NOT NULL,
+    editor_hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    revision INTEGER NOT NULL, seq INTEGER NOT NULL, active INTEGER NOT NULL, PRIMARY KEY (revision, seq));
+"""
+
+
+@dataclass(frozen=True)
+class JournalEdit:
+    seq: int
+    edit_id: str
+    revision: int  # the revision that applied it
+    record: EditRecord
+    pre: dict[str, float]  # metrics before the edit (mend.metrics.EditMetrics fields)
+    post: dict[str, float]  # metrics right after it
+    active: bool
+    rolled_back_at: int | None  # revision that deactivated it, when inactive
+    editor_hash: str
+    request_id: str
+    created: float
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class EditJournal:
+    def __init__(self, directory: str | Path, base_model_hash: str):
+        self.dir = Path(directory)
+        self.factors_dir = self.dir / "factors"
+        self.factors_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.dir / "journal.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='base_model_hash'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('base_model_hash', ?)", (base_model_hash,))
+        elif row[0] != base_model_hash:
+            self._db.close()
+            raise StateConflictError(
+                f"the journal at {self.dir} belongs to base model {row[0][:12]}, not {base_model_hash[:12]}: "
+                "point the server at that model, or give it a new journal directory"
+            )
+        self._remove_orphans()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _remove_orphans(self) -> None:
+        """Factor files (and temporaries) of transactions that never committed."""
+        known = {r[0] for r in self._db.execute("SELECT factors_file FROM edits")}
+        for f in self.factors_dir.iterdir():
+            if f.name not in known:
+                f.unlink()
+
+    # ------------------------------------------------------------------ reads
+
+    @property
+    def revision(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0]
+
+    def find_request(self, request_id: str) -> tuple[int, str] | None:
+        """(revision, fingerprint) of an earlier apply with this request id."""
+        with self._lock:
+            return self._db.execute("SELECT revision, fingerprint FROM revisions WHERE request_id=?", (request_id,)).fetchone()
+
+    def active_seqs(self, revision: int | None = None) -> list[int]:
+        """Edits active at `revision` (default: now), in application order."""
+        with self._lock:
+            return self._active_seqs(revision)
+
+    def _active_seqs(self, revision: int | None) -> list[int]:
+        if revision is None:
+            revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0]
+        state: dict[int, bool] = {}
+        for seq, active in self._db.execute("SELECT seq, active FROM events WHERE revision<=? ORDER BY revision", (revision,)):
+            state[seq] = bool(active)
+        return sorted(s for s, a in state.items() if a)
+
+    def get(self, edit_id: str) -> JournalEdit:
+        edits = self._select("WHERE e.edit_id=?", (edit_id,))
+        if not edits:
+            raise EditNotFoundError(f"no edit {edit_id!r} in the journal: ListEdits shows the known ids")
+        return edits[0]
+
+    def edits(self, *, active_only: bool = False, revision: int | None = None, after_seq: int = 0, limit: int = 1000) -> list[JournalEdit]:
+        """Edits in application order; `revision` selects those applied by that revision."""
+        where, args = "WHERE e.seq>?", [after_seq]
+        if revision is not None:
+            where, args = where + " AND e.revision=?", args + [revision]
+        found = self._select(where + " ORDER BY e.seq", tuple(args))
+        found = [e for e in found if e.active] if active_only else found
+        return found[:limit]
+
+    def _select(self, where: str, args: tuple) -> list[JournalEdit]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.seq, e.edit_id, e.revision, e.record, e.pre, e.post, e.editor_hash, r.request_id, r.created, "
+                "(SELECT active FROM events v WHERE v.seq=e.seq ORDER BY v.revision DESC LIMIT 1), "
+                "(SELECT revision FROM events v WHERE v.seq=e.seq ORDER BY v.revision DESC LIMIT 1) "
+                f"FROM edits e JOIN revisions r ON r.revision=e.revision {where}", args).fetchall()
+        return [
+            JournalEdit(seq, edit_id, rev, EditRecord.from_dict(json.loads(rec)), json.loads(pre), json.loads(post),
+                        bool(active), None if active else last, editor_hash, request_id or "", created)
+            for seq, edit_id, rev, rec, pre, post, editor_hash, request_id, created, active, last in rows
+        ]
+
+    def load_factors(self, seq: int) -> Factors:
+        with self._lock:
+            row = self._db.execute("SELECT factors_file FROM edits WHERE seq=?", (seq,)).fetchone()
+        if row is None:
+            raise EditNotFoundError(f"no edit with sequence number {seq}")
+        flat = load_file(self.factors_dir / row[0])
+        names = sorted({k.rsplit(".", 1)[0] for k in flat})
+        return {n: (flat[f"{n}.a"], flat[f"{n}.b"]) for n in names}
+
+    # ------------------------------------------------------------------ writes
+
+    def append_edits(self, records: list[EditRecord], factors: list[Factors], pre: list[dict], post: list[dict],
+                     editor_hash: str, request_id: str = "", fingerprint: str = "") -> tuple[int, list[JournalEdit]]:
+        """Persist one apply of `records` as a new revision; returns (revision, the new edits)."""
+        with self._lock:
+            revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0] + 1
+            first = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()[0] + 1
+            seqs = list(range(first, first + len(records)))
+            files = []
+            for seq, f in zip(seqs, factors):
+                name = f"{seq:08d}.safetensors"
+                tmp = self.factors_dir / f"{name}.tmp"
+                save_file({f"{n}.{k}": t.detach().cpu().contiguous() for n, (a, b) in f.items() for k, t in (("a", a), ("b", b))}, tmp)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                tmp.replace(self.factors_dir / name)
+                files.append(name)
+            _fsync_dir(self.factors_dir)
+            created = time.time()
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO revisions VALUES (?, 'apply', ?, ?, ?)", (revision, request_id or None, fingerprint, created))
+                for seq, rec, name, p, q in zip(seqs, records, files, pre, post):
+                    self._db.execute("INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
+                        seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), name, editor_hash))
+                    self._db.execute("INSERT INTO events VALUES (?, ?, 1)", (revision, seq))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                for name in files:
+                    (self.factors_dir / name).unlink(missing_ok=True)
+                raise
+        return revision, self.edits(revision=revision)
+
+    def append_toggles(self, kind: str, deactivate: list[int], activate: list[int] = ()) -> int:
+        """A rollback: a new revision that deactivates (and, for rollback_to, re-activates) edits."""
+        with self._lock:
+            revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0] + 1
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO revisions VALUES (?, ?, NULL, '', ?)", (revision, kind, time.time()))
+                self._db.executemany("INSERT INTO events VALUES (?, ?, 0)", [(revision, s) for s in deactivate])
+                self._db.executemany("INSERT INTO events VALUES (?, ?, 1)", [(revision, s) for s in activate])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return revision

@@ -1,0 +1,260 @@
+"""The editing service: a served model, its editor, its journal. Everything the gRPC layer calls.
+
+Semantics
+- An apply of N records is one revision; each record becomes its own edit with its own factors
+  (MEND edits token rows independently, so a batch splits exactly into per-edit deltas), computed
+  on the weights as they are now, i.e. on top of every earlier active edit.
+- Rolling back an edit removes exactly its delta: the weights are recomputed from the pristine
+  copy plus the remaining active edits' stored deltas. Later edits keep the deltas they were
+  computed with (they are not recomputed without the removed one), so a later edit that relied
+  on the removed one may behave a little differently; rolling back everything restores the base
+  model bit for bit. `rollback_to(r)` restores the exact set of edits active at revision r, as a
+  new revision (revisions only grow).
+- Every acknowledged apply or rollback is in the journal before the call returns; a restart
+  replays the journal to the same weights and revision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mend.batching import encode, logits, tokenize_pairs
+from mend.checkpoint import editor_hash, load_editor
+from mend.editing import MendMethod
+from mend.errors import ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError
+from mend.journal import EditJournal, JournalEdit
+from mend.metrics import greedy_decode, locality_reference, measure
+from mend.model_state import EditableModel
+from mend.models import load_model, model_hash
+from mend.records import EditRecord, Fact
+from mend.targets import resolve_targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_prompt_chars: int = 2000
+    max_target_chars: int = 500
+    max_edits_per_call: int = 128
+    max_extra_prompts: int = 16  # paraphrases, and locality prompts, per edit
+    max_new_tokens: int = 64
+    locality_tokens: int = 4  # answer length taken from the model for a locality prompt given without one
+    n_reference_locality: int = 8  # server-held locality prompts used when an edit brings none
+
+    def __post_init__(self) -> None:
+        if min(self.max_prompt_chars, self.max_target_chars, self.max_edits_per_call, self.max_new_tokens, self.locality_tokens) < 1:
+            raise ConfigError("service limits must all be >= 1")
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    revision: int
+    edits: list[JournalEdit]
+    replayed: bool  # True when a repeated request_id returned the original result
+
+
+def _fingerprint(records: list[EditRecord]) -> str:
+    return hashlib.sha256(json.dumps([r.to_dict() for r in records], sort_keys=True).encode()).hexdigest()
+
+
+def _clean(metrics) -> dict[str, float | None]:
+    return {k: None if math.isnan(v) else v for k, v in metrics.as_dict().items()}
+
+
+class EditService:
+    def __init__(self, model, tokenizer, journal: EditJournal, targets, editor=None, locality: list[Fact] = (),
+                 limits: ServiceLimits = ServiceLimits(), info: dict | None = None):
+        self.model, self.tokenizer, self.journal, self.limits = model, tokenizer, journal, limits
+        self.method = MendMethod(editor) if editor is not None else None
+        self.locality = list(locality)[: limits.n_reference_locality]
+        self.info = dict(info or {})
+        self.state = EditableModel(model, targets)
+        seqs = journal.active_seqs()
+        self._active = {s: journal.load_factors(s) for s in seqs}  # seq -> factors, application order
+        for factors in self._active.values():
+            self.state.check(factors)
+        with self.state.lock.write():
+            self.state.reset(list(self._active.values()))
+        self.revision = journal.revision
+        log.info("journal %s: revision %d, %d active edits replayed", journal.dir, self.revision, len(seqs))
+
+    @classmethod
+    def open(cls, base_model: str, editor: str | None, journal_dir: str, device: str = "auto", dtype: str = "float32",
+             locality: list[Fact] = (), limits: ServiceLimits = ServiceLimits(),
+             target_patterns: list[str] | None = None, n_last_blocks: int = 3) -> "EditService":
+        """Load everything from disk. Without an editor the targets (the layers a journal's edits may
+        touch) come from `target_patterns` / `n_last_blocks`, as in `mend.targets.resolve_targets`."""
+        model, tokenizer = load_model(base_model, device=device, dtype=dtype)
+        base_hash = model_hash(base_model)
+        edit_net = load_editor(editor, model) if editor else None
+        targets = edit_net.targets if edit_net else resolve_targets(model, target_patterns, n_last_blocks)
+        info = {"base_model_path": str(Path(base_model).resolve()), "base_model_hash": base_hash,
+                "editor_path": str(Path(editor).resolve()) if editor else "", "editor_hash": editor_hash(editor) if editor else "",
+                "dtype": dtype, "device": str(next(model.parameters()).device), "model_type": model.config.model_type}
+        return cls(model, tokenizer, EditJournal(journal_dir, base_hash), targets, edit_net, locality, limits, info)
+
+    def close(self) -> None:
+        self.journal.close()
+
+    def warm_up(self) -> None:
+        """One generation and one edit computation (not applied), so the first real call is not slow."""
+        self.generate("Warm up", 2)
+        if self.method is not None:
+            with self.state.lock.read():
+                self.method.per_edit_factors(self.model, self.tokenizer, [EditRecord(prompt="Warm up", target_new="now")])
+
+    # ------------------------------------------------------------------ edits
+
+    def _validate(self, records: list[EditRecord], request_id: str) -> None:
+        lim = self.limits
+        if not records:
+            raise InvalidEditError("no edits given: send at least one")
+        if len(records) > lim.max_edits_per_call:
+            raise InvalidEditError(f"{len(records)} edits in one call; the limit is {lim.max_edits_per_call}: split them into chunks")
+        if len(request_id) > 128:
+            raise InvalidEditError("request_id is longer than 128 characters")
+        for i, r in enumerate(records):
+            for label, text, limit in [("prompt", r.prompt, lim.max_prompt_chars), ("target_new", r.target_new, lim.max_target_chars)]:
+                if len(text) > limit:
+                    raise InvalidEditError(f"edit {i}: {label} is {len(text)} characters; the limit is {limit}")
+            for label, extra in [("rephrase prompts", r.rephrase_prompt), ("locality prompts", r.locality_prompt)]:
+                if len(extra) > lim.max_extra_prompts:
+                    raise InvalidEditError(f"edit {i}: {len(extra)} {label}; the limit is {lim.max_extra_prompts}")
+                if any(not p.strip() or len(p) > lim.max_prompt_chars for p in extra):
+                    raise InvalidEditError(f"edit {i}: {label} must be non-empty and at most {lim.max_prompt_chars} characters")
+
+    def _measured(self, record: EditRecord) -> EditRecord:
+        """The record as measured: server-held locality prompts when it brings none; the model's own
+        continuation as the answer of a locality prompt given without one."""
+        if not record.locality_prompt:
+            facts = self.locality
+            return dataclasses.replace(record, locality_prompt=tuple(f.prompt for f in facts),
+                                       locality_ground_truth=tuple(f.answer for f in facts))
+        if record.locality_ground_truth:
+            return record
+        p_ids, _ = tokenize_pairs(self.tokenizer, list(record.locality_prompt), ["x"] * len(record.locality_prompt))
+        answers = greedy_decode(self.model, self.tokenizer, p_ids, [self.limits.locality_tokens] * len(p_ids))
+        texts = tuple(self.tokenizer.decode(a, skip_special_tokens=True).strip() or "." for a in answers)
+        return dataclasses.replace(record, locality_ground_truth=texts)
+
+    def apply(self, records: list[EditRecord], request_id: str = "", deadline: float | None = None) -> ApplyResult:
+        """Apply `records` as one revision. `deadline` is a time.monotonic() value: past it, nothing
+        is written and DeadlineExceededError is raised."""
+        self._validate(records, request_id)
+        fingerprint = _fingerprint(records)
+        with self.state.lock.write():
+            if request_id and (found := self.journal.find_request(request_id)) is not None:
+                revision, stored = found
+                if stored != fingerprint:
+                    raise StateConflictError(f"request_id {request_id!r} was already used for a different request (revision {revision})")
+                return ApplyResult(revision, self.journal.edits(revision=revision), replayed=True)
+            if self.method is None:
+                raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
+            self._check_deadline(deadline)
+            measured = [self._measured(r) for r in records]
+            reference = locality_reference(self.model, self.tokenizer, measured)
+            pre = measure(self.model, self.tokenizer, measured)
+            factors = self.method.per_edit_factors(self.model, self.tokenizer, records)
+            for f in factors:
+                self.state.check(f)
+            post = measure(self.model, self.tokenizer, measured, self.state.weights_after(factors), reference)
+            self._check_deadline(deadline)
+            revision, edits = self.journal.append_edits(
+                records, factors, [_clean(m) for m in pre], [_clean(m) for m in post],
+                self.info.get("editor_hash", ""), request_id, fingerprint)
+            self.state.add(factors)
+            self._active.update(zip((e.seq for e in edits), factors))
+            self.revision = revision
+        return ApplyResult(revision, edits, replayed=False)
+
+    @staticmethod
+    def _check_deadline(deadline: float | None) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceededError("the deadline passed before the edit could be applied; nothing was changed")
+
+    def rollback_edit(self, edit_id: str) -> int:
+        with self.state.lock.write():
+            edit = self.journal.get(edit_id)
+            if not edit.active:
+                raise StateConflictError(f"edit {edit_id} was already rolled back (revision {edit.rolled_back_at})")
+            self.revision = self.journal.append_toggles("rollback", [edit.seq])
+            del self._active[edit.seq]
+            self.state.reset(list(self._active.values()))
+            return self.revision
+
+    def rollback_to(self, revision: int) -> tuple[int, int]:
+        """Restore the edits active at `revision` (0 = the base model): (new revision, edits changed)."""
+        if revision < 0:
+            raise InvalidEditError(f"revision {revision} is negative; 0 is the base model")
+        with self.state.lock.write():
+            if revision > self.revision:
+                raise EditNotFoundError(f"no revision {revision}: the current revision is {self.revision}")
+            target = self.journal.active_seqs(revision)
+            drop = [s for s in self._active if s not in target]
+            add = [s for s in target if s not in self._active]
+            if not drop and not add:
+                return self.revision, 0
+            self.revision = self.journal.append_toggles("rollback_to", drop, add)
+            for s in drop:
+                del self._active[s]
+            self._active.update({s: self.journal.load_factors(s) for s in add})
+            self._active = dict(sorted(self._active.items()))
+            self.state.reset(list(self._active.values()))
+            return self.revision, len(drop) + len(add)
+
+    @property
+    def n_active(self) -> int:
+        return len(self._active)
+
+    def get(self, edit_id: str) -> JournalEdit:
+        return self.journal.get(edit_id)
+
+    def list(self, active_only: bool = False, after_seq: int = 0, limit: int = 1000) -> list[JournalEdit]:
+        return self.journal.edits(active_only=active_only, after_seq=after_seq, limit=limit)
+
+    # ------------------------------------------------------------------ reads of the current model
+
+    def generate(self, prompt: str, max_new_tokens: int = 16) -> tuple[str, list[int], int]:
+        """(text, token ids, revision) of the greedy continuation, stopped at end-of-text."""
+        if not prompt.strip() or len(prompt) > self.limits.max_prompt_chars:
+            raise InvalidEditError(f"prompt must be non-empty and at most {self.limits.max_prompt_chars} characters")
+        if not 1 <= max_new_tokens <= self.limits.max_new_tokens:
+            raise InvalidEditError(f"max_new_tokens must be between 1 and {self.limits.max_new_tokens}")
+        p_ids, _ = tokenize_pairs(self.tokenizer, [prompt], ["x"])
+        with self.state.lock.read():
+            (ids,) = greedy_decode(self.model, self.tokenizer, p_ids, [max_new_tokens])
+            revision = self.revision
+        eos = self.tokenizer.eos_token_id
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        return self.tokenizer.decode(ids, skip_special_tokens=True), ids, revision
+
+    @torch.no_grad()
+    def score(self, prompt: str, target: str) -> tuple[list[float], bool, int]:
+        """(log-probability of each target token, whether greedy decoding gives the target, revision)."""
+        for label, text in [("prompt", prompt), ("target", target)]:
+            if not text.strip() or len(text) > self.limits.max_prompt_chars:
+                raise InvalidEditError(f"{label} must be non-empty and at most {self.limits.max_prompt_chars} characters")
+        batch = encode(self.tokenizer, [prompt], [target]).to(next(self.model.parameters()).device)
+        with self.state.lock.read():
+            out = logits(self.model, batch)
+            revision = self.revision
+        mask = batch.target_mask[0]
+        logp = torch.log_softmax(out[0], -1)[mask]  # (T_target, V)
+        labels = batch.labels[0, 1:][mask]
+        token_logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return token_logp.tolist(), bool((logp.argmax(-1) == labels).all()), revision
+
+    def model_info(self) -> dict:
+        with self.state.lock.read():
+            return {**self.info, "targets": list(self.state.targets), "revision": self.revision,
+                    "active_edits": len(self._active), "editor_loaded": self.method is not None}

@@ -1,0 +1,1 @@
+"""gRPC service for MEND edits: servicer, interceptor, server lifecycle, client. grpc lives only here."""

@@ -1,0 +1,178 @@
+"""Server lifecycle: build the gRPC server, load the model in the background, serve, drain.
+
+Health (`grpc.health.v1`) reports NOT_SERVING until the model and editor are loaded and warmed
+up, and again from the moment a shutdown starts; mend.v1 calls get UNAVAILABLE meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from mend.errors import ConfigError
+from mend.service import EditService
+from server.api.mend.v1 import editing_pb2, editing_pb2_grpc
+from server.interceptor import ServiceInterceptor
+from server.servicer import EditServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = editing_pb2.DESCRIPTOR.services_by_name["EditService"].full_name  # "mend.v1.EditService"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 50051  # 0 = any free port (the bound one is printed and returned)
+    max_concurrent: int = 16  # mend.v1 calls in progress at once; more get RESOURCE_EXHAUSTED
+    max_message_mb: int = 16
+    grace_s: float = 10.0  # how long in-flight calls may finish at shutdown
+    read_token: str = ""  # bearer token for queries; empty = queries are open
+    write_token: str = ""  # bearer token for edits and rollbacks (also allowed to query); empty = open
+    tls_cert: str = ""  # PEM paths; both or neither
+    tls_key: str = ""
+    metrics_port: int = -1  # Prometheus /metrics over HTTP; -1 = off, 0 = any free port
+    metrics_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both server.tls_cert and server.tls_key (PEM files), or neither")
+        for path in (self.tls_cert, self.tls_key):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"TLS file {path} does not exist")
+        if self.max_concurrent < 1 or self.max_message_mb < 1 or not 0 <= self.port < 65536:
+            raise ConfigError("server.max_concurrent and server.max_message_mb must be >= 1, server.port in 0..65535")
+
+
+class ServerMetrics:
+    """Prometheus metrics in a registry of their own (several servers can live in one process)."""
+
+    def __init__(self, holder: "ServiceHolder"):
+        self.registry = CollectorRegistry()
+        self.edits = Counter("mend_edits_applied", "Edits applied (retries of a request_id not counted)", registry=self.registry)
+        self.rollbacks = Counter("mend_rollbacks", "Rollbacks that changed the model", registry=self.registry)
+        self.latency = Histogram("mend_rpc_latency_seconds", "mend.v1 call latency", ["method", "code"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        active = Gauge("mend_active_edits", "Edits active in the served weights", registry=self.registry)
+        active.set_function(lambda: holder.service.n_active if holder.service else 0)
+        revision = Gauge("mend_model_revision", "Current model revision", registry=self.registry)
+        revision.set_function(lambda: holder.service.revision if holder.service else 0)
+
+    def count_edits(self, n: int) -> None:
+        self.edits.inc(n)
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.latency.labels(method, code).observe(seconds)
+
+
+class ServiceHolder:
+    """What the servicer and interceptor share: the lifecycle phase and, once loaded, the service."""
+
+    def __init__(self):
+        self.phase = "starting"  # starting -> serving -> draining; or failed
+        self.service: EditService | None = None
+        self.metrics = ServerMetrics(self)
+
+
+class MendServer:
+    def __init__(self, cfg: ServerConfig, load_service: Callable[[], EditService]):
+        self.cfg, self.load_service = cfg, load_service
+        self.holder = ServiceHolder()
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self.port = self.metrics_port = None
+        self._httpd = None
+
+    def start(self, wait: bool = False) -> int:
+        """Bind and start serving health at once; load the service in the background. Returns the port."""
+        cfg = self.cfg
+        size = cfg.max_message_mb * 1024 * 1024
+        self.interceptor = ServiceInterceptor(self.holder, cfg.read_token, cfg.write_token, cfg.max_concurrent)
+        self.grpc = grpc.server(
+            ThreadPoolExecutor(max_workers=cfg.max_concurrent + 4, thread_name_prefix="mend-rpc"),
+            interceptors=[self.interceptor],
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+        )
+        editing_pb2_grpc.add_EditServiceServicer_to_server(EditServicer(self.holder), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.port = self.grpc.add_secure_port(address, creds)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        self.grpc.start()
+        if cfg.metrics_port >= 0:
+            self._httpd, _ = start_http_server(cfg.metrics_port, cfg.metrics_host, registry=self.holder.metrics.registry)
+            self.metrics_port = self._httpd.server_port
+        loader = threading.Thread(target=self._load, name="mend-load", daemon=True)
+        loader.start()
+        if wait:
+            loader.join()
+        return self.port
+
+    def _load(self) -> None:
+        try:
+            service = self.load_service()
+            service.warm_up()
+        except BaseException as e:  # reported by serve(); health stays NOT_SERVING
+            log.exception("loading the model failed")
+            self.load_error, self.holder.phase = e, "failed"
+        else:
+            self.holder.service, self.holder.phase = service, "serving"
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving %s (revision %d)", SERVICE_NAME, service.revision)
+        finally:
+            self.ready.set()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish, close the journal."""
+        self.holder.phase = "draining"
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(self.cfg.grace_s if grace is None else grace).wait()
+        self.ready.wait()
+        if self.holder.service is not None:
+            self.holder.service.close()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        log.info("server stopped")
+
+
+def serve(cfg: ServerConfig, load_service: Callable[[], EditService]) -> int:
+    """Run until SIGINT/SIGTERM, then drain. Returns a process exit code."""
+    server = MendServer(cfg, load_service)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    port = server.start()
+    scheme = "tls" if cfg.tls_cert else "insecure"
+    print(f"listening on {cfg.host}:{port} ({scheme}); loading the model...", flush=True)
+    server.ready.wait()
+    if server.load_error is not None:
+        print(f"error: could not load the model: {server.load_error}", flush=True)
+        server.stop(0)
+        return 2
+    info = server.holder.service.model_info()
+    print(f"serving {SERVICE_NAME} on {cfg.host}:{port}: revision {info['revision']}, {info['active_edits']} active edits"
+          + (f"; metrics on http://{cfg.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+    while not stop.wait(0.5):
+        pass
+    print("shutting down: draining in-flight calls", flush=True)
+    server.stop()
+    return 0
