@@ -5,7 +5,8 @@ Tables
 - `revisions`: one row per state change (revision 0 is the base model, never stored): an `apply`
   of one or more edits, a `rollback` of one edit, or a `rollback_to` an earlier revision.
   `request_id` (unique) makes applies idempotent; `fingerprint` detects a reused id.
-- `edits`: one immutable row per edit, in application order (`seq`), pointing to its factors file.
+- `edits`: one immutable row per edit, in application order (`seq`), pointing to its factors file,
+  with the edit's own `request_id` (unique when given; batch edit files use it to resume).
 - `events`: which edits each revision activated or deactivated. The active set at any revision is
   the last event of each edit up to it, so any past state can be restored exactly.
 
@@ -40,7 +41,8 @@ CREATE TABLE IF NOT EXISTS revisions (
 CREATE TABLE IF NOT EXISTS edits (
     seq INTEGER PRIMARY KEY, edit_id TEXT UNIQUE NOT NULL, revision INTEGER NOT NULL,
     record TEXT NOT NULL, pre TEXT NOT NULL, post TEXT NOT NULL, factors_file TEXT NOT NULL,
-    editor_hash TEXT NOT NULL);
+    editor_hash TEXT NOT NULL, request_id TEXT);
+CREATE UNIQUE INDEX IF NOT EXISTS edit_request_ids ON edits (request_id) WHERE request_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     revision INTEGER NOT NULL, seq INTEGER NOT NULL, active INTEGER NOT NULL, PRIMARY KEY (revision, seq));
 """
@@ -57,7 +59,7 @@ class JournalEdit:
     active: bool
     rolled_back_at: int | None  # revision that deactivated it, when inactive
     editor_hash: str
-    request_id: str
+    request_id: str  # the edit's own idempotency key ("" when none)
     created: float
 
 
@@ -113,6 +115,12 @@ class EditJournal:
         with self._lock:
             return self._db.execute("SELECT revision, fingerprint FROM revisions WHERE request_id=?", (request_id,)).fetchone()
 
+    def existing_edit_ids(self, request_ids: list[str]) -> dict[str, str]:
+        """{request_id: edit_id} for the given per-edit request ids already in the journal."""
+        with self._lock:
+            rows = [self._db.execute("SELECT request_id, edit_id FROM edits WHERE request_id=?", (k,)).fetchone() for k in request_ids if k]
+        return dict(r for r in rows if r)
+
     def active_seqs(self, revision: int | None = None) -> list[int]:
         """Edits active at `revision` (default: now), in application order."""
         with self._lock:
@@ -144,7 +152,7 @@ class EditJournal:
     def _select(self, where: str, args: tuple) -> list[JournalEdit]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT e.seq, e.edit_id, e.revision, e.record, e.pre, e.post, e.editor_hash, r.request_id, r.created, "
+                "SELECT e.seq, e.edit_id, e.revision, e.record, e.pre, e.post, e.editor_hash, e.request_id, r.created, "
                 "(SELECT active FROM events v WHERE v.seq=e.seq ORDER BY v.revision DESC LIMIT 1), "
                 "(SELECT revision FROM events v WHERE v.seq=e.seq ORDER BY v.revision DESC LIMIT 1) "
                 f"FROM edits e JOIN revisions r ON r.revision=e.revision {where}", args).fetchall()
@@ -166,8 +174,10 @@ class EditJournal:
     # ------------------------------------------------------------------ writes
 
     def append_edits(self, records: list[EditRecord], factors: list[Factors], pre: list[dict], post: list[dict],
-                     editor_hash: str, request_id: str = "", fingerprint: str = "") -> tuple[int, list[JournalEdit]]:
+                     editor_hash: str, request_id: str = "", fingerprint: str = "",
+                     edit_request_ids: list[str] | None = None) -> tuple[int, list[JournalEdit]]:
         """Persist one apply of `records` as a new revision; returns (revision, the new edits)."""
+        keys = edit_request_ids or [""] * len(records)
         with self._lock:
             revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0] + 1
             first = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()[0] + 1
@@ -186,9 +196,10 @@ class EditJournal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT INTO revisions VALUES (?, 'apply', ?, ?, ?)", (revision, request_id or None, fingerprint, created))
-                for seq, rec, name, p, q in zip(seqs, records, files, pre, post):
-                    self._db.execute("INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
-                        seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), name, editor_hash))
+                for seq, rec, name, p, q, key in zip(seqs, records, files, pre, post, keys):
+                    self._db.execute("INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+                        seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), name,
+                        editor_hash, key or None))
                     self._db.execute("INSERT INTO events VALUES (?, ?, 1)", (revision, seq))
                 self._db.execute("COMMIT")
             except BaseException:

@@ -63,8 +63,8 @@ class ApplyResult:
     replayed: bool  # True when a repeated request_id returned the original result
 
 
-def _fingerprint(records: list[EditRecord]) -> str:
-    return hashlib.sha256(json.dumps([r.to_dict() for r in records], sort_keys=True).encode()).hexdigest()
+def _fingerprint(records: list[EditRecord], keys: list[str]) -> str:
+    return hashlib.sha256(json.dumps([[r.to_dict() for r in records], keys], sort_keys=True).encode()).hexdigest()
 
 
 def _clean(metrics) -> dict[str, float | None]:
@@ -147,17 +147,25 @@ class EditService:
         texts = tuple(self.tokenizer.decode(a, skip_special_tokens=True).strip() or "." for a in answers)
         return dataclasses.replace(record, locality_ground_truth=texts)
 
-    def apply(self, records: list[EditRecord], request_id: str = "", deadline: float | None = None) -> ApplyResult:
-        """Apply `records` as one revision. `deadline` is a time.monotonic() value: past it, nothing
-        is written and DeadlineExceededError is raised."""
+    def apply(self, records: list[EditRecord], request_id: str = "", deadline: float | None = None,
+              edit_request_ids: list[str] | None = None) -> ApplyResult:
+        """Apply `records` as one revision. A repeated `request_id` returns the original result.
+        `edit_request_ids` are per-edit keys (a single edit's key is `request_id`): an edit whose key
+        is already in the journal is refused. `deadline` is a time.monotonic() value: past it,
+        nothing is written and DeadlineExceededError is raised."""
+        keys = list(edit_request_ids or ([request_id] if len(records) == 1 else [""] * len(records)))
         self._validate(records, request_id)
-        fingerprint = _fingerprint(records)
+        if len(keys) != len(records) or any(len(k) > 128 for k in keys) or len({k for k in keys if k}) != len([k for k in keys if k]):
+            raise InvalidEditError("give one distinct request_id (at most 128 characters) per edit, or none")
+        fingerprint = _fingerprint(records, keys)
         with self.state.lock.write():
             if request_id and (found := self.journal.find_request(request_id)) is not None:
                 revision, stored = found
                 if stored != fingerprint:
                     raise StateConflictError(f"request_id {request_id!r} was already used for a different request (revision {revision})")
                 return ApplyResult(revision, self.journal.edits(revision=revision), replayed=True)
+            if done := self.journal.existing_edit_ids(keys):
+                raise StateConflictError(f"edit request_id(s) already applied: {done}; give a new request_id to apply again")
             if self.method is None:
                 raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
             self._check_deadline(deadline)
@@ -171,7 +179,7 @@ class EditService:
             self._check_deadline(deadline)
             revision, edits = self.journal.append_edits(
                 records, factors, [_clean(m) for m in pre], [_clean(m) for m in post],
-                self.info.get("editor_hash", ""), request_id, fingerprint)
+                self.info.get("editor_hash", ""), request_id, fingerprint, keys)
             self.state.add(factors)
             self._active.update(zip((e.seq for e in edits), factors))
             self.revision = revision

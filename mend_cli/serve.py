@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -38,3 +39,54 @@ def serve_cmd(cfg: DictConfig) -> int:
     from server.app import serve
 
     return serve(server_config(cfg), lambda: open_service(cfg))
+
+
+def _in_process_server(cfg: DictConfig, journal: str | None = None):
+    """A MendServer on a free loopback port (optionally on a scratch journal), loaded and ready."""
+    from server.app import MendServer
+
+    if journal is not None:
+        cfg = OmegaConf.merge(cfg, {"paths": {"journal": journal}})
+    server = MendServer(dataclasses.replace(server_config(cfg), host="127.0.0.1", port=0, metrics_port=-1), lambda: open_service(cfg))
+    server.start(wait=True)
+    if server.load_error is not None:
+        server.stop(0)
+        raise server.load_error
+    return server
+
+
+def client_demo_cmd(cfg: DictConfig) -> None:
+    """Start the server on the configured model and run the README's client example against it."""
+    from server import example_client
+
+    server = _in_process_server(cfg)
+    print(f"\n== the gRPC server on 127.0.0.1:{server.port} (journal {cfg.paths.journal}) and the example client ==")
+    try:
+        example_client.main(f"127.0.0.1:{server.port}")
+    finally:
+        server.stop(2)
+
+
+def loadtest_cmd(cfg: DictConfig) -> None:
+    """ApplyEdit load for 1/4/16 clients on a scratch journal, next to one forward+backward pass."""
+    import statistics
+    import tempfile
+
+    from mend.benchmark import forward_backward_seconds
+    from mend.data.world import World
+    from server.load_test import format_rows, run_load
+
+    records = World.load(cfg.paths.world).edit_split("test").records
+    with tempfile.TemporaryDirectory() as journal:
+        server = _in_process_server(cfg, journal)
+        try:
+            address = f"127.0.0.1:{server.port}"
+            rows = [run_load(address, records, n, cfg.loadtest.requests, cfg.loadtest.max_seconds) for n in cfg.loadtest.clients]
+            service = server.holder.service
+            with service.state.lock.read():
+                fwd_bwd = statistics.median(forward_backward_seconds(service.model, service.tokenizer, r) for r in records[:21])
+        finally:
+            server.stop(2)
+    print(format_rows(rows))
+    print(f"forward+backward of the base model: {fwd_bwd * 1000:.1f} ms; ApplyEdit p50 with 1 client = "
+          f"{rows[0]['p50_ms'] / (fwd_bwd * 1000):.1f}x (it also measures the edit before and after, and journals it)")

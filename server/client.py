@@ -54,8 +54,11 @@ class EditClient:
     def apply(self, record: EditRecord, request_id: str = "") -> pb.ApplyEditResponse:
         return self._call("ApplyEdit", pb.ApplyEditRequest(edit=spec_from_record(record), request_id=request_id))
 
-    def apply_batch(self, records: list[EditRecord], request_id: str = "") -> pb.ApplyEditsResponse:
-        return self._call("ApplyEdits", pb.ApplyEditsRequest(edits=[spec_from_record(r) for r in records], request_id=request_id))
+    def apply_batch(self, records: list[EditRecord], request_id: str = "", edit_request_ids: list[str] = ()) -> pb.ApplyEditsResponse:
+        specs = [spec_from_record(r) for r in records]
+        for spec, key in zip(specs, edit_request_ids):
+            spec.request_id = key
+        return self._call("ApplyEdits", pb.ApplyEditsRequest(edits=specs, request_id=request_id))
 
     def rollback(self, edit_id: str) -> int:
         return self._call("RollbackEdit", pb.RollbackEditRequest(edit_id=edit_id)).model_revision

@@ -64,7 +64,8 @@ class EditServicer(pb_grpc.EditServiceServicer):
                                     after=metrics_message(edit.post), replayed=result.replayed)
 
     def ApplyEdits(self, request, context):
-        result = self.service.apply([record_from_spec(s) for s in request.edits], request.request_id, _deadline(context))
+        result = self.service.apply([record_from_spec(s) for s in request.edits], request.request_id, _deadline(context),
+                                    edit_request_ids=[s.request_id for s in request.edits])
         self.holder.metrics.count_edits(0 if result.replayed else len(result.edits))
         return pb.ApplyEditsResponse(edits=[edit_message(e) for e in result.edits], model_revision=result.revision,
                                      replayed=result.replayed)

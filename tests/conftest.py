@@ -1,6 +1,7 @@
 """Tiny models built from configs (never downloaded) and a tiny synthetic world to edit them with."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from mend.base_model import BaseModelConfig, build_base_model, train_tokenizer
 from mend.data.world import World, WorldConfig, generate_world
 from mend.models import load_model
 
-torch.set_num_threads(2)
+# MEND_TEST_THREADS=1 when another torch job shares the 2 cores (oversubscribed OpenMP threads crawl)
+torch.set_num_threads(int(os.environ.get("MEND_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

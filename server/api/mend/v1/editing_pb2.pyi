@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EditSpec(_message.Message):
-    __slots__ = ("prompt", "target_new", "rephrase_prompts", "locality_prompts", "locality_answers", "subject", "ground_truth", "case_id")
+    __slots__ = ("prompt", "target_new", "rephrase_prompts", "locality_prompts", "locality_answers", "subject", "ground_truth", "case_id", "request_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_NEW_FIELD_NUMBER: _ClassVar[int]
     REPHRASE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class EditSpec(_message.Message):
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     GROUND_TRUTH_FIELD_NUMBER: _ClassVar[int]
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target_new: str
     rephrase_prompts: _containers.RepeatedScalarFieldContainer[str]
@@ -24,7 +25,8 @@ class EditSpec(_message.Message):
     subject: str
     ground_truth: str
     case_id: str
-    def __init__(self, prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., rephrase_prompts: _Optional[_Iterable[str]] = ..., locality_prompts: _Optional[_Iterable[str]] = ..., locality_answers: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., ground_truth: _Optional[str] = ..., case_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., rephrase_prompts: _Optional[_Iterable[str]] = ..., locality_prompts: _Optional[_Iterable[str]] = ..., locality_answers: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., ground_truth: _Optional[str] = ..., case_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class EditMetrics(_message.Message):
     __slots__ = ("reliability_tf", "reliability_em", "generality_tf", "generality_em", "locality_tf", "locality_em")

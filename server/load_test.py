@@ -1,0 +1,75 @@
+"""Load test: ApplyEdit throughput and latency for 1, 4 and 16 concurrent clients (loopback only).
+
+Bounded in requests and in time: each client sends at most `requests` edits and stops once
+`max_seconds` have passed. Edits are serialised by the server (one writer), so edits/s is about
+flat in the number of clients while latency grows with the queue: that is the number to watch.
+
+    python -m server.load_test --address 127.0.0.1:50051 --clients 1 4 16
+    mend loadtest            # starts its own server on a scratch journal, also times forward+backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from mend.records import EditRecord
+from server.client import EditClient
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_load(address: str, records: list[EditRecord], clients: int, requests: int, max_seconds: float, token: str = "") -> dict:
+    if not address.startswith(("127.", "localhost", "[::1]")):
+        raise ValueError(f"the load test only runs against loopback addresses, not {address}")
+    end = time.monotonic() + max_seconds
+
+    def one_client(c: int) -> list[float]:
+        latencies = []
+        with EditClient(address, token=token) as client:
+            for i in range(requests):
+                if time.monotonic() > end:
+                    break
+                r = records[(c * requests + i) % len(records)]
+                start = time.perf_counter()
+                client.apply(EditRecord(prompt=r.prompt, target_new=r.target_new))
+                latencies.append(time.perf_counter() - start)
+        return latencies
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = [x for per_client in pool.map(one_client, range(clients)) for x in per_client]
+    wall = time.perf_counter() - start
+    return {"clients": clients, "edits": len(latencies), "seconds": wall, "edits_per_s": len(latencies) / wall,
+            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * _percentile(latencies, 0.99)}
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| clients | edits | edits/s | ApplyEdit p50 ms | ApplyEdit p99 ms |", "|---|---|---|---|---|"]
+    lines += [f"| {r['clients']} | {r['edits']} | {r['edits_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mend.data.world import World
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--address", default="127.0.0.1:50051")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=20, help="edits per client at most")
+    parser.add_argument("--max-seconds", type=float, default=60)
+    parser.add_argument("--world", default="data/synthetic_world.json", help="where the edit prompts come from")
+    parser.add_argument("--token", default="", help="write token, when the server has one")
+    args = parser.parse_args(argv)
+    records = World.load(args.world).edit_split("test").records
+    rows = [run_load(args.address, records, n, args.requests, args.max_seconds, args.token) for n in args.clients]
+    print(format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()
