@@ -44,20 +44,25 @@ class FineTune:
         chosen = pool[::step][: self.cfg.kl_prompts]
         return encode(tokenizer, [f.prompt for f in chosen], [f.answer for f in chosen])
 
-    def deltas(self, model, tokenizer, records: list[EditRecord]) -> dict[str, torch.Tensor]:
+    def deltas(self, model, tokenizer, records: list[EditRecord],
+               weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`weights` (optional): the current edited weights to fine-tune from (sequential editing);
+        the KL term of FT+KL then keeps the model close to those, its state before this edit."""
         device = next(model.parameters()).device
-        params = dict(model.named_parameters())
+        current = weights or {}
+        params = {**dict(model.named_parameters()), **current}
         base = {t.param_name: params[t.param_name].detach() for t in self.targets}
-        weights = {k: v.clone().requires_grad_(True) for k, v in base.items()}
-        opt = torch.optim.SGD(weights.values(), lr=self.cfg.lr)
+        trained = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        opt = torch.optim.SGD(trained.values(), lr=self.cfg.lr)
         batch = encode(tokenizer, [r.prompt for r in records], [r.target_new for r in records]).to(device)
         kl_batch = pre = None
         if self.cfg.c_kl > 0:
             kl_batch = self._kl_batch(tokenizer, records).to(device)
             with torch.no_grad():
-                pre = logits(model, kl_batch)
+                pre = logits(model, kl_batch, current)
         with torch.enable_grad():
             for _ in range(self.cfg.max_steps):
+                weights = {**current, **trained}
                 out = logits(model, batch, weights)
                 with torch.no_grad():
                     hit = (out.argmax(-1) == batch.labels[:, 1:]) | ~batch.target_mask
@@ -69,4 +74,4 @@ class FineTune:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        return {k: (weights[k] - base[k]).detach() for k in base}
+        return {k: (trained[k] - base[k]).detach() for k in base}

@@ -46,19 +46,21 @@ def capture(model: torch.nn.Module, targets: list[EditTarget]):
             h.remove()
 
 
-def edit_factors(model, targets: list[EditTarget], batch: TargetBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def edit_factors(model, targets: list[EditTarget], batch: TargetBatch,
+                 weights: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Token-level (u, δ) per target for the NLL of the batch's targets, flattened over non-pad
     tokens: {param_name: (u (N, fan_in), δ (N, fan_out))}.
 
     The loss sums each edit's mean target NLL, so δ for one edit does not shrink when it shares a
     batch with others. Gradients are taken w.r.t. copies of the target weights; the model's own
-    parameters are never touched.
+    parameters are never touched. `weights` overrides named parameters (the current edited
+    weights, for an edit on top of earlier ones).
     """
-    params = dict(model.named_parameters())
-    weights = {t.param_name: params[t.param_name].detach().requires_grad_(True) for t in targets}
+    params = {**dict(model.named_parameters()), **(weights or {})}
+    grad_weights = {t.param_name: params[t.param_name].detach().requires_grad_(True) for t in targets}
     with torch.enable_grad(), capture(model, targets) as store:
-        loss = target_nll(logits(model, batch, weights), batch).sum()
-        torch.autograd.grad(loss, list(weights.values()))
+        loss = target_nll(logits(model, batch, {**(weights or {}), **grad_weights}), batch).sum()
+        torch.autograd.grad(loss, list(grad_weights.values()))
     keep = batch.attention_mask.bool()
     out = {}
     for t in targets:

@@ -22,17 +22,19 @@ Deltas = dict[str, torch.Tensor]  # param_name -> ΔW in the weight's own layout
 class EditMethod(Protocol):
     name: str
 
-    def deltas(self, model, tokenizer, records: list[EditRecord]) -> Deltas:
-        """One combined update that makes the model give each record's `target_new`."""
+    def deltas(self, model, tokenizer, records: list[EditRecord], weights: dict[str, torch.Tensor] | None = None) -> Deltas:
+        """One combined update that makes the model give each record's `target_new`. `weights`
+        (optional) overrides named parameters: the edit is computed on the already-edited model
+        `functional_call(model, weights)`, as sequential editing needs; the model is never written."""
 
 
-def edited_weights(model, deltas: Deltas) -> dict[str, torch.Tensor]:
-    """{param_name: W + ΔW}; the model itself is unchanged."""
-    params = dict(model.named_parameters())
+def edited_weights(model, deltas: Deltas, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """{param_name: W + ΔW}, on top of `weights` (earlier edits) when given; the model itself is unchanged."""
+    params = {**dict(model.named_parameters()), **(weights or {})}
     unknown = set(deltas) - set(params)
     if unknown:
         raise KeyError(f"deltas for parameters the model does not have: {sorted(unknown)}")
-    return {name: params[name] + d.to(params[name].dtype) for name, d in deltas.items()}
+    return {**(weights or {}), **{name: params[name] + d.to(params[name].dtype) for name, d in deltas.items()}}
 
 
 class MendMethod:
@@ -42,20 +44,22 @@ class MendMethod:
         self.editor = editor
 
     @torch.no_grad()
-    def deltas(self, model, tokenizer, records: list[EditRecord]) -> Deltas:
+    def deltas(self, model, tokenizer, records: list[EditRecord], weights: dict[str, torch.Tensor] | None = None) -> Deltas:
         if not records:
             raise ValueError("no edits given")
         device = next(model.parameters()).device
         batch = encode(tokenizer, [r.prompt for r in records], [r.target_new for r in records]).to(device)
-        factors = edit_factors(model, self.editor.targets, batch)
+        factors = edit_factors(model, self.editor.targets, batch, weights)
         self.editor.eval()
         return {k: v.detach() for k, v in self.editor(factors).items()}
 
 
-def timed_deltas(method: EditMethod, model, tokenizer, records: list[EditRecord]) -> tuple[Deltas, float]:
-    """(deltas, seconds), synchronising CUDA so the time is the real one."""
+def timed_deltas(method: EditMethod, model, tokenizer, records: list[EditRecord],
+                 weights: dict[str, torch.Tensor] | None = None) -> tuple[Deltas, float]:
+    """(deltas, seconds), synchronising CUDA so the time is the real one. `weights`: the current
+    edited weights to edit on top of (only passed on when given, so methods without it still work)."""
     start = time.perf_counter()
-    deltas = method.deltas(model, tokenizer, records)
+    deltas = method.deltas(model, tokenizer, records) if weights is None else method.deltas(model, tokenizer, records, weights=weights)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return deltas, time.perf_counter() - start

@@ -65,11 +65,15 @@ def _model(cfg):
     return load_model(cfg.paths.base_model, device=cfg.device)
 
 
+def _dataset_path(cfg):
+    """dataset.path, or paths.world for the synthetic world, or None (the dataset's default file)."""
+    return cfg.dataset.path or (cfg.paths.world if cfg.dataset.name == "synthetic" else None)
+
+
 def _split(cfg, split: str):
     from mend.data.loaders import load_split
 
-    path = cfg.dataset.path or (cfg.paths.world if cfg.dataset.name == "synthetic" else None)
-    return load_split(cfg.dataset.name, split, path, val_size=cfg.dataset.val_size, seed=cfg.seed)
+    return load_split(cfg.dataset.name, split, _dataset_path(cfg), val_size=cfg.dataset.val_size, seed=cfg.seed)
 
 
 def train_editor_cmd(cfg: DictConfig) -> None:
@@ -94,6 +98,7 @@ def train_editor_cmd(cfg: DictConfig) -> None:
 
 
 def _methods(cfg, model, names):
+    """The edit methods named in `names`; `made` below is the registry a new method joins."""
     from mend.baselines import FineTune, FTConfig
     from mend.checkpoint import load_editor
     from mend.editing import MendMethod
@@ -144,21 +149,62 @@ def demo(cfg: DictConfig) -> None:
         print(f"  latency per update: {res['latency_s'] * 1000:.1f} ms")
 
 
-def evaluate(cfg: DictConfig) -> None:
-    from mend.evaluation import evaluate_method, markdown_table, pre_edit_metrics
+def _perplexity_probe(cfg, model, tok):
+    """(held-out perplexity of given weights, report entry), or (None, None) when skipped."""
+    from mend.data.loaders import DEFAULT_PATHS, dataset_hash
+    from mend.perplexity import HeldOutText, PerplexityConfig, perplexity
 
+    pcfg = as_config(PerplexityConfig, cfg.perplexity)
+    path = pcfg.path or DEFAULT_PATHS["wikitext"]
+    if pcfg.max_tokens == 0:
+        return None, None
+    if pcfg.path is None and not Path(path).is_file():
+        log.warning("no held-out text at %s: perplexity is skipped (set perplexity.path)", path)
+        return None, None
+    text = HeldOutText.load(path, tok, model, pcfg)
+    info = {"path": path, "sha256": dataset_hash(path), "tokens": text.n_tokens, "chunk": text.chunks.shape[1]}
+    return (lambda weights: perplexity(model, text, weights, pcfg.batch_size)), info
+
+
+def evaluate(cfg: DictConfig) -> None:
+    from mend.data.loaders import dataset_hash, dataset_path
+    from mend.harness import HarnessConfig, run_harness, select_records
+    from mend.report import environment, markdown_report, write_run
+
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    method_names = eval_cfg.pop("methods")
+    hcfg = as_config(HarnessConfig, OmegaConf.create(eval_cfg), seed=cfg.seed)
     model, tok = _model(cfg)
-    records = _split(cfg, "test").records[: cfg.eval.n_edits]
-    methods = _methods(cfg, model, list(cfg.eval.methods))
-    rows = [evaluate_method(model, tok, m, records, b) for b in cfg.eval.batch_sizes for m in methods]
-    pre = pre_edit_metrics(model, tok, records)
-    table = markdown_table(rows, pre)
-    print(f"\n{cfg.dataset.name}: {len(records)} edits\n{table}")
-    out = Path(cfg.paths.runs) / f"eval-{cfg.dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg), "pre": pre, "rows": rows}, indent=1))
-    (out / "table.md").write_text(table + "\n")
-    print(f"report -> {out}")
+    records = select_records(_split(cfg, "test").records, hcfg.n_edits, hcfg.seed)
+    methods = _methods(cfg, model, list(method_names))
+    probe, heldout = _perplexity_probe(cfg, model, tok)
+    data_file = dataset_path(cfg.dataset.name, "test", _dataset_path(cfg))
+    started = time.time()
+    measured = run_harness(model, tok, methods, records, hcfg, probe)
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "minutes": round((time.time() - started) / 60, 2),
+        "seed": cfg.seed,
+        "dataset": {"name": cfg.dataset.name, "split": "test", "path": data_file, "sha256": dataset_hash(data_file),
+                    "case_ids": [r.case_id for r in records]},
+        "model": {"path": str(cfg.paths.base_model), "model_type": model.config.model_type,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "device": str(next(model.parameters()).device)},
+        "methods": [m.name for m in methods],
+        "heldout_text": heldout,
+        "versions": environment(),
+        "harness": hcfg.to_dict(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        **measured,
+    }
+    base = out = Path(cfg.paths.runs) / f"eval-{cfg.dataset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for i in range(2, 1000):  # two runs in the same second get their own directories
+        if not out.exists():
+            break
+        out = base.with_name(f"{base.name}.{i}")
+    paths = write_run(report, out)
+    print("\n" + markdown_report(report))
+    print(f"report -> {out}: " + ", ".join(p.name for p in paths.values()))
 
 
 def bench(cfg: DictConfig) -> None:
@@ -188,7 +234,7 @@ COMMANDS = {
     "build-base": (build_base, "train the default base model on the synthetic world"),
     "train-editor": (train_editor_cmd, "meta-train a MEND editor for the base model"),
     "demo": (demo, "apply example edits and print what changed"),
-    "eval": (evaluate, "compare MEND, FT and FT+KL on held-out edits"),
+    "eval": (evaluate, "compare edit methods (batch and sequential editing): report, table, plots"),
     "bench": (bench, "edit latency next to one forward+backward pass"),
     "quickstart": (quickstart, "build (quick profile unless told otherwise), train, demo"),
 }

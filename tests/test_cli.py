@@ -22,12 +22,24 @@ def test_build_train_eval_bench_on_a_tiny_model(tmp_path, world_path, capsys):
     meta = json.loads((tmp_path / "editor" / "editor.json").read_text())
     assert [t["name"] for t in meta["targets"]] == ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
 
-    assert main(["eval", *common, "eval.n_edits=10", "eval.batch_sizes=[1,5]"]) == 0
+    batch = ["eval.n_edits=10", "mode=batch", "eval.sizes=[1,5]", "perplexity.max_tokens=512"]
+    assert main(["eval", *common, *batch]) == 0
     (run,) = (tmp_path / "runs").iterdir()
-    rows = json.loads((run / "report.json").read_text())["rows"]
-    assert [(r["method"], r["batch_size"]) for r in rows] == [(m, b) for b in (1, 5) for m in ("MEND", "FT", "FT+KL")]
-    ft = next(r for r in rows if r["method"] == "FT" and r["batch_size"] == 1)
+    report = json.loads((run / "report.json").read_text())
+    rows = report["rows"]
+    expected = [("batch", m, b) for b in (1, 5) for m in ("MEND", "FT", "FT+KL")]
+    assert [(r["mode"], r["method"], r["size"]) for r in rows] == expected
+    ft = next(r for r in rows if r["method"] == "FT" and r["size"] == 1)
     assert ft["post"]["reliability_tf"] > 0.5  # FT drives its edits to the target
+    assert report["dataset"]["sha256"] and len(report["dataset"]["case_ids"]) == 10 and report["seed"] == 0
+    assert (run / "batch.png").is_file() and (run / "table.md").is_file() and not (run / "sequential.png").exists()
+
+    sequential = ["eval.n_edits=4", "mode=sequential", "method=ft", "eval.sizes=[2]", "perplexity.max_tokens=0"]
+    assert main(["eval", *common, *sequential, "targets.n_last_blocks=1"]) == 0
+    (run,) = set((tmp_path / "runs").iterdir()) - {run}
+    report = json.loads((run / "report.json").read_text())
+    assert [(r["mode"], r["method"], r["size"]) for r in report["rows"]] == [("sequential", "FT", 2)]
+    assert report["perplexity_pre"] is None and (run / "sequential.png").is_file()
 
     assert main(["bench", *common, "bench.repeats=2"]) == 0
     assert "forward+backward of the base model" in capsys.readouterr().out

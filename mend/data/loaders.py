@@ -21,6 +21,7 @@ DEFAULT_PATHS = {
     "counterfact": str(SHARED_DATA / "counterfact" / "counterfact-train.json"),
     "counterfact_val": str(SHARED_DATA / "counterfact" / "counterfact-val.json"),
     "zsre": str(SHARED_DATA / "zsre" / "zsre_mend_train_1k.json"),
+    "wikitext": str(SHARED_DATA / "wikitext" / "wikitext2_valid.txt"),  # held-out text for perplexity
 }
 
 
@@ -66,18 +67,26 @@ def load_zsre(path: str | Path) -> list[EditRecord]:
     return records
 
 
+def dataset_path(dataset: str, split: str, path: str | None = None) -> str:
+    """The file `load_split` reads: `path` when given, else the dataset's default for the split
+    (CounterFact's test file is counterfact-val)."""
+    if dataset not in ("synthetic", "counterfact", "zsre"):
+        raise ConfigError(f"unknown dataset {dataset!r}; use one of synthetic, counterfact, zsre")
+    if path:
+        return str(path)
+    if dataset == "counterfact" and split == "test":
+        return DEFAULT_PATHS["counterfact_val"]
+    return DEFAULT_PATHS[dataset]
+
+
 def load_split(dataset: str, split: str, path: str | None = None, val_size: int = 200, seed: int = 0) -> EditSplit:
     """`split` is train, val or test. For the synthetic world these are disjoint entity sets. For
     a file dataset, `train`/`val` are a seeded split of the file (val: `val_size` records) and
     `test` is the whole file (CounterFact's test file is counterfact-val)."""
+    path = dataset_path(dataset, split, path)
     if dataset == "synthetic":
-        return World.load(path or DEFAULT_PATHS["synthetic"]).edit_split(split)
-    loaders = {"counterfact": load_counterfact, "zsre": load_zsre}
-    if dataset not in loaders:
-        raise ConfigError(f"unknown dataset {dataset!r}; use one of synthetic, counterfact, zsre")
-    if split == "test" and path is None:
-        path = DEFAULT_PATHS["counterfact_val"] if dataset == "counterfact" else DEFAULT_PATHS["zsre"]
-    records = loaders[dataset](path or DEFAULT_PATHS[dataset])
+        return World.load(path).edit_split(split)
+    records = {"counterfact": load_counterfact, "zsre": load_zsre}[dataset](path)
     if split != "test":
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)
