@@ -54,6 +54,24 @@ class MendMethod:
         return {k: v.detach() for k, v in self.editor(factors).items()}
 
 
+    @torch.no_grad()
+    def per_edit_factors(self, model, tokenizer, records: list[EditRecord]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """For each record, {param_name: (a, b)} with its own ΔW = aᵀ b ((fan_in, fan_out) layout).
+
+        The editor edits token rows independently, so these are exact pieces of `deltas`: one batch
+        of records, one forward/backward pass, and each edit can still be rolled back on its own.
+        """
+        if not records:
+            raise ValueError("no edits given")
+        device = next(model.parameters()).device
+        batch = encode(tokenizer, [r.prompt for r in records], [r.target_new for r in records]).to(device)
+        self.editor.eval()
+        low_rank = self.editor.low_rank(edit_factors(model, self.editor.targets, batch))
+        rows = batch.attention_mask.sum(1).tolist()  # factors are flattened over each record's tokens
+        split = {name: (a.split(rows), b.split(rows)) for name, (a, b) in low_rank.items()}
+        return [{name: (a[i].contiguous(), b[i].contiguous()) for name, (a, b) in split.items()} for i in range(len(records))]
+
+
 def timed_deltas(method: EditMethod, model, tokenizer, records: list[EditRecord],
                  weights: dict[str, torch.Tensor] | None = None) -> tuple[Deltas, float]:
     """(deltas, seconds), synchronising CUDA so the time is the real one. `weights`: the current

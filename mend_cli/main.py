@@ -221,12 +221,31 @@ def bench(cfg: DictConfig) -> None:
 
 
 def quickstart(cfg: DictConfig) -> None:
-    """Build what is missing, then run the demo (the README's main job)."""
+    """Build what is missing, run the demo, then the gRPC server and its example client (the README's main job)."""
     if not (Path(cfg.paths.base_model) / "config.json").is_file():
         build_base(cfg)
     if not (Path(cfg.paths.editor) / "editor.json").is_file():
         train_editor_cmd(cfg)
     demo(cfg)
+    client_demo(cfg)
+
+
+def serve(cfg: DictConfig) -> int:
+    from mend_cli.serve import serve_cmd
+
+    return serve_cmd(cfg)
+
+
+def client_demo(cfg: DictConfig) -> None:
+    from mend_cli.serve import client_demo_cmd
+
+    client_demo_cmd(cfg)
+
+
+def loadtest(cfg: DictConfig) -> None:
+    from mend_cli.serve import loadtest_cmd
+
+    loadtest_cmd(cfg)
 
 
 COMMANDS = {
@@ -236,13 +255,30 @@ COMMANDS = {
     "demo": (demo, "apply example edits and print what changed"),
     "eval": (evaluate, "compare edit methods (batch and sequential editing): report, table, plots"),
     "bench": (bench, "edit latency next to one forward+backward pass"),
-    "quickstart": (quickstart, "build (quick profile unless told otherwise), train, demo"),
+    "quickstart": (quickstart, "build (quick profile unless told otherwise), train, demo, server + client"),
+    "serve": (serve, "run the gRPC editing service (configs/server/default.yaml)"),
+    "client-demo": (client_demo, "start the server and run the example client against it"),
+    "loadtest": (loadtest, "ApplyEdit throughput and latency for 1/4/16 clients"),
+}
+
+
+JOURNAL_COMMANDS = {
+    "edit": "apply a JSONL batch edit file to a server (--server ADDR) or locally",
+    "rollback": "roll back an edit (EDIT_ID) or to a revision (--to N)",
+    "edits": "list the edit journal",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in JOURNAL_COMMANDS:  # these take flags as well as key=value overrides
+        from mend_cli.edit_file import run
+
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run(argv[0], argv[1:], load_config)
     parser = argparse.ArgumentParser(prog="mend", description="MEND model editing: build, train, edit, evaluate.")
-    parser.add_argument("command", choices=COMMANDS, help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    parser.add_argument("command", choices=[*COMMANDS, *JOURNAL_COMMANDS],
+                        help="; ".join([f"{k}: {v[1]}" for k, v in COMMANDS.items()] + [f"{k}: {v}" for k, v in JOURNAL_COMMANDS.items()]))
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (see configs/mend.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -254,11 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     from mend.errors import MendError
 
     try:
-        COMMANDS[args.command][0](cfg)
+        return COMMANDS[args.command][0](cfg) or 0
     except MendError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 import json
 import os
 
+# idle OpenMP threads sleep instead of spinning: with another torch job on the same 2 cores,
+# spinning threads made the tests ~30x slower
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -11,8 +15,7 @@ from mend.base_model import BaseModelConfig, build_base_model, train_tokenizer
 from mend.data.world import World, WorldConfig, generate_world
 from mend.models import load_model
 
-# MEND_TEST_THREADS=1 when another torch job shares the 2 cores (oversubscribed OpenMP threads crawl)
-torch.set_num_threads(int(os.environ.get("MEND_TEST_THREADS", "2")))
+torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
