@@ -39,3 +39,9 @@ class StateConflictError(MendError):
 
 class DeadlineExceededError(MendError):
     """The caller's deadline passed before the work could start; nothing was changed."""
+
+
+class UnstableEditError(StateConflictError):
+    """The editor produced a non-finite update, or one that would make the weights non-finite.
+    MEND editors are meta-trained on edits of the base model; after many accumulated edits the
+    inputs drift out of their range (see the sequential rows of `mend eval`)."""

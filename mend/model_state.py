@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
+from mend.errors import UnstableEditError
 from mend.targets import EditTarget
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -75,7 +76,7 @@ class EditableModel:
         return self.targets[name].to_weight_layout(a.to(param.device).T @ b.to(param.device)).to(param.dtype)
 
     def check(self, factors: Factors) -> None:
-        """Raise ValueError unless `factors` fit this model's targets and are finite."""
+        """Raise ValueError unless `factors` fit this model's targets; UnstableEditError unless finite."""
         for name, (a, b) in factors.items():
             if name not in self.targets:
                 raise ValueError(f"factors for {name}, which is not an edit target of this model")
@@ -83,7 +84,9 @@ class EditableModel:
             if a.shape[1:] != (t.fan_in,) or b.shape[1:] != (t.fan_out,) or a.shape[0] != b.shape[0]:
                 raise ValueError(f"factors for {name} have shapes {tuple(a.shape)}, {tuple(b.shape)}; expected (N, {t.fan_in}), (N, {t.fan_out})")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise ValueError(f"factors for {name} are not finite")
+                raise UnstableEditError(
+                    f"the editor's update for {name} is not finite: after the edits already applied the model is too far "
+                    "from the base model this editor was trained on; roll back some edits (RollbackEdit/RollbackTo) and retry")
 
     def weights_after(self, edits: list[Factors]) -> dict[str, torch.Tensor]:
         """The weights `add(edits)` would produce, without writing them (for metrics before commit)."""

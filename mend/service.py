@@ -30,7 +30,8 @@ import torch
 from mend.batching import encode, logits, tokenize_pairs
 from mend.checkpoint import editor_hash, load_editor
 from mend.editing import MendMethod
-from mend.errors import ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError
+from mend.errors import (ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError,
+                         UnstableEditError)
 from mend.journal import EditJournal, JournalEdit
 from mend.metrics import greedy_decode, locality_reference, measure
 from mend.model_state import EditableModel
@@ -175,7 +176,11 @@ class EditService:
             factors = self.method.per_edit_factors(self.model, self.tokenizer, records)
             for f in factors:
                 self.state.check(f)
-            post = measure(self.model, self.tokenizer, measured, self.state.weights_after(factors), reference)
+            after = self.state.weights_after(factors)
+            if not all(bool(torch.isfinite(w).all()) for w in after.values()):
+                raise UnstableEditError("this edit would make the weights non-finite: after the edits already applied the model "
+                                        "is too far from the base model this editor was trained on; roll back some edits and retry")
+            post = measure(self.model, self.tokenizer, measured, after, reference)
             self._check_deadline(deadline)
             revision, edits = self.journal.append_edits(
                 records, factors, [_clean(m) for m in pre], [_clean(m) for m in post],

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mend.errors import EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError
+from mend.errors import EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError, UnstableEditError
 from mend.models import load_model
 from mend.records import EditRecord
 from mend.service import EditService, ServiceLimits
@@ -160,3 +160,15 @@ def test_score_and_generate_agree(open_service, records):
     text, _, _ = service.generate(r.prompt, 4)
     logps, greedy, _ = service.score(r.prompt, text.split()[0]) if text.strip() else ([0.0], True, 0)
     assert greedy and all(lp <= 0 for lp in logps)
+
+
+def test_a_non_finite_update_is_refused_and_changes_nothing(open_service, records):
+    service = open_service()
+    service.apply([records[0]])
+    before = weights(service)
+    with torch.no_grad():
+        service.method.editor.steps.fill_(3e38)  # an editor far outside its range: a = -α ũ overflows
+    with pytest.raises(UnstableEditError, match="roll back some edits"):
+        service.apply([records[1]])
+    assert service.revision == 1 and len(service.list()) == 1
+    assert_same(weights(service), before)
