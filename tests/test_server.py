@@ -1,6 +1,7 @@
 """The real gRPC server, in process on port 0, through real channels."""
 
 import shutil
+from pathlib import Path
 import subprocess
 import threading
 import urllib.request
@@ -244,3 +245,11 @@ def test_tls(start, records, tmp_path):
     assert client.info().model_revision == 0
     plain = EditClient(f"localhost:{server.port}", timeout=5)
     assert code_of(lambda: plain.info())[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_generated_api_matches_the_proto(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", str(root / "server" / "generate_api.sh"), str(tmp_path)], check=True)
+    for name in ("editing_pb2.py", "editing_pb2_grpc.py", "editing_pb2.pyi"):
+        generated = (tmp_path / "server/api/mend/v1" / name).read_text()
+        assert generated == (root / "server/api/mend/v1" / name).read_text(), f"run server/generate_api.sh: {name} is stale"
