@@ -160,6 +160,8 @@ def serve(cfg: ServerConfig, load_service: Callable[[], EditService]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.write_token and cfg.tls_cert):
+        log.warning("serving on %s without a write token and TLS: anyone who can reach it can edit the model", cfg.host)
     port = server.start()
     scheme = "tls" if cfg.tls_cert else "insecure"
     print(f"listening on {cfg.host}:{port} ({scheme}); loading the model...", flush=True)
