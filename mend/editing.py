@@ -37,6 +37,11 @@ def edited_weights(model, deltas: Deltas, weights: dict[str, torch.Tensor] | Non
     return {**(weights or {}), **{name: params[name] + d.to(params[name].dtype) for name, d in deltas.items()}}
 
 
+def all_finite(weights: dict[str, torch.Tensor]) -> bool:
+    """No NaN or inf in any tensor: an edit that breaks this must not be kept."""
+    return all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
 class MendMethod:
     name = "MEND"
 
@@ -45,13 +50,17 @@ class MendMethod:
 
     @torch.no_grad()
     def deltas(self, model, tokenizer, records: list[EditRecord], weights: dict[str, torch.Tensor] | None = None) -> Deltas:
+        _, factors = self._factors(model, tokenizer, records, weights)
+        return {k: v.detach() for k, v in self.editor(factors).items()}
+
+    def _factors(self, model, tokenizer, records: list[EditRecord], weights=None):
+        """(batch, captured (u, δ) per target) for the records' targets; the editor in eval mode."""
         if not records:
             raise ValueError("no edits given")
         device = next(model.parameters()).device
         batch = encode(tokenizer, [r.prompt for r in records], [r.target_new for r in records]).to(device)
-        factors = edit_factors(model, self.editor.targets, batch, weights)
         self.editor.eval()
-        return {k: v.detach() for k, v in self.editor(factors).items()}
+        return batch, edit_factors(model, self.editor.targets, batch, weights)
 
 
     @torch.no_grad()
@@ -61,12 +70,8 @@ class MendMethod:
         The editor edits token rows independently, so these are exact pieces of `deltas`: one batch
         of records, one forward/backward pass, and each edit can still be rolled back on its own.
         """
-        if not records:
-            raise ValueError("no edits given")
-        device = next(model.parameters()).device
-        batch = encode(tokenizer, [r.prompt for r in records], [r.target_new for r in records]).to(device)
-        self.editor.eval()
-        low_rank = self.editor.low_rank(edit_factors(model, self.editor.targets, batch))
+        batch, factors = self._factors(model, tokenizer, records)
+        low_rank = self.editor.low_rank(factors)
         rows = batch.attention_mask.sum(1).tolist()  # factors are flattened over each record's tokens
         split = {name: (a.split(rows), b.split(rows)) for name, (a, b) in low_rank.items()}
         return [{name: (a[i].contiguous(), b[i].contiguous()) for name, (a, b) in split.items()} for i in range(len(records))]

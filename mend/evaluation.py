@@ -18,15 +18,11 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from mend.editing import EditMethod, edited_weights, timed_deltas
+from mend.editing import EditMethod, all_finite, edited_weights, timed_deltas
 from mend.metrics import EditMetrics, locality_reference, measure, summarize, target_scores
 from mend.records import EditRecord
 
 Probe = Callable[[dict[str, torch.Tensor] | None], float]  # a number measured on (edited) weights: held-out perplexity
-
-
-def _finite(weights: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(w).all()) for w in weights.values())
 
 
 def _row(mode: str, method: EditMethod, size: int, per_edit: list[EditMetrics], latencies: list[float],
@@ -58,7 +54,7 @@ def evaluate_method(model, tokenizer, method: EditMethod, records: list[EditReco
         deltas, seconds = timed_deltas(method, model, tokenizer, chunk)
         latencies.append(seconds)
         weights = edited_weights(model, deltas)
-        nonfinite += not _finite(weights)
+        nonfinite += not all_finite(weights)
         per_edit += measure(model, tokenizer, chunk, weights, reference)
         if probe is not None and i < probe_updates:
             probed.append(probe(weights))
@@ -86,7 +82,7 @@ def evaluate_sequential(model, tokenizer, method: EditMethod, records: list[Edit
             weights = edited_weights(model, deltas, weights)
             at_edit += target_scores(model, tokenizer, [r.prompt], [r.target_new], weights)
             bar.update()
-        nonfinite += not _finite(weights)
+        nonfinite += not all_finite(weights)
         per_edit += measure(model, tokenizer, sequence, weights, reference)
         if probe is not None and s < probe_sequences:
             probed.append(probe(weights))

@@ -105,10 +105,13 @@ class EditJournal:
 
     # ------------------------------------------------------------------ reads
 
+    def _last_revision(self) -> int:  # caller holds self._lock
+        return self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0]
+
     @property
     def revision(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0]
+            return self._last_revision()
 
     def find_request(self, request_id: str) -> tuple[int, str] | None:
         """(revision, fingerprint) of an earlier apply with this request id."""
@@ -128,7 +131,7 @@ class EditJournal:
 
     def _active_seqs(self, revision: int | None) -> list[int]:
         if revision is None:
-            revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0]
+            revision = self._last_revision()
         state: dict[int, bool] = {}
         for seq, active in self._db.execute("SELECT seq, active FROM events WHERE revision<=? ORDER BY revision", (revision,)):
             state[seq] = bool(active)
@@ -179,7 +182,7 @@ class EditJournal:
         """Persist one apply of `records` as a new revision; returns (revision, the new edits)."""
         keys = edit_request_ids or [""] * len(records)
         with self._lock:
-            revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0] + 1
+            revision = self._last_revision() + 1
             first = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()[0] + 1
             seqs = list(range(first, first + len(records)))
             files = []
@@ -212,7 +215,7 @@ class EditJournal:
     def append_toggles(self, kind: str, deactivate: list[int], activate: list[int] = ()) -> int:
         """A rollback: a new revision that deactivates (and, for rollback_to, re-activates) edits."""
         with self._lock:
-            revision = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0] + 1
+            revision = self._last_revision() + 1
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT INTO revisions VALUES (?, ?, NULL, '', ?)", (revision, kind, time.time()))

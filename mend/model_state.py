@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
+from mend.editing import all_finite
 from mend.errors import UnstableEditError
 from mend.targets import EditTarget
 
@@ -83,7 +84,7 @@ class EditableModel:
             t = self.targets[name]
             if a.shape[1:] != (t.fan_in,) or b.shape[1:] != (t.fan_out,) or a.shape[0] != b.shape[0]:
                 raise ValueError(f"factors for {name} have shapes {tuple(a.shape)}, {tuple(b.shape)}; expected (N, {t.fan_in}), (N, {t.fan_out})")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            if not all_finite({"a": a, "b": b}):
                 raise UnstableEditError(
                     f"the editor's update for {name} is not finite: after the edits already applied the model is too far "
                     "from the base model this editor was trained on; roll back some edits (RollbackEdit/RollbackTo) and retry")

@@ -29,7 +29,7 @@ import torch
 
 from mend.batching import encode, logits, tokenize_pairs
 from mend.checkpoint import editor_hash, load_editor
-from mend.editing import MendMethod
+from mend.editing import MendMethod, all_finite
 from mend.errors import (ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError,
                          UnstableEditError)
 from mend.journal import EditJournal, JournalEdit
@@ -177,7 +177,7 @@ class EditService:
             for f in factors:
                 self.state.check(f)
             after = self.state.weights_after(factors)
-            if not all(bool(torch.isfinite(w).all()) for w in after.values()):
+            if not all_finite(after):
                 raise UnstableEditError("this edit would make the weights non-finite: after the edits already applied the model "
                                         "is too far from the base model this editor was trained on; roll back some edits and retry")
             post = measure(self.model, self.tokenizer, measured, after, reference)
