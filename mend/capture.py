@@ -69,3 +69,12 @@ def edit_factors(model, targets: list[EditTarget], batch: TargetBatch,
             raise RuntimeError(f"no input or gradient captured for {t.name}: is it on the path to the output?")
         out[t.param_name] = (f.u[keep].float(), f.delta[keep].float())
     return out
+
+
+@torch.no_grad()
+def layer_inputs(model, targets: list[EditTarget], batch: TargetBatch) -> dict[str, torch.Tensor]:
+    """{param_name: (N, fan_in)}: each target layer's input at every non-pad token of `batch`."""
+    with capture(model, targets) as store:
+        logits(model, batch)
+    keep = batch.attention_mask.bool()
+    return {t.param_name: store[t.param_name].u[keep].float() for t in targets}

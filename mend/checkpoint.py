@@ -15,7 +15,7 @@ from mend.errors import CheckpointMismatchError, TargetResolutionError
 from mend.models import files_hash
 from mend.targets import EditTarget, resolve_targets
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: least-squares combination (λ, μ, C₀)
 
 
 def save_editor(editor: MendEditor, out_dir: str | Path, model_type: str, extra: dict | None = None) -> Path:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from mend.aggregation import KeyValues
 from mend.batching import encode
 from mend.capture import edit_factors
 from mend.editor import MendEditor
@@ -50,6 +51,7 @@ class MendMethod:
 
     @torch.no_grad()
     def deltas(self, model, tokenizer, records: list[EditRecord], weights: dict[str, torch.Tensor] | None = None) -> Deltas:
+        """One least-squares update for all `records` (`mend.aggregation.solve`)."""
         _, factors = self._factors(model, tokenizer, records, weights)
         return {k: v.detach() for k, v in self.editor(factors).items()}
 
@@ -62,19 +64,20 @@ class MendMethod:
         self.editor.eval()
         return batch, edit_factors(model, self.editor.targets, batch, weights)
 
-
     @torch.no_grad()
-    def per_edit_factors(self, model, tokenizer, records: list[EditRecord]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """For each record, {param_name: (a, b)} with its own ΔW = aᵀ b ((fan_in, fan_out) layout).
+    def per_edit_key_values(self, model, tokenizer, records: list[EditRecord],
+                            weights: dict[str, torch.Tensor] | None = None) -> list[KeyValues]:
+        """For each record, {param_name: (keys (k, fan_in), values (k, fan_out))}, its k tokens' rows.
 
-        The editor edits token rows independently, so these are exact pieces of `deltas`: one batch
-        of records, one forward/backward pass, and each edit can still be rolled back on its own.
+        The editor edits token rows independently, so one batch of records (one forward/backward
+        pass) splits exactly into each edit's rows: every edit can be added to, or removed from, a
+        least-squares update on its own. `weights` overrides parameters (the service passes the
+        pristine target weights, so an edit never depends on the edits already applied).
         """
-        batch, factors = self._factors(model, tokenizer, records)
-        low_rank = self.editor.low_rank(factors)
+        batch, factors = self._factors(model, tokenizer, records, weights)
         rows = batch.attention_mask.sum(1).tolist()  # factors are flattened over each record's tokens
-        split = {name: (a.split(rows), b.split(rows)) for name, (a, b) in low_rank.items()}
-        return [{name: (a[i].contiguous(), b[i].contiguous()) for name, (a, b) in split.items()} for i in range(len(records))]
+        split = {name: (u.split(rows), d.split(rows)) for name, (u, d) in self.editor.key_values(factors).items()}
+        return [{name: (u[i].contiguous(), d[i].contiguous()) for name, (u, d) in split.items()} for i in range(len(records))]
 
 
 def timed_deltas(method: EditMethod, model, tokenizer, records: list[EditRecord],

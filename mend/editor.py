@@ -4,20 +4,27 @@ One network per distinct weight shape, shared by every target layer of that shap
 per-layer scale and shift of its hidden units. Each network is a stack of residual low-rank MLP
 blocks on [u; δ] whose output projections start at zero, so an untrained editor is the identity.
 u and δ are normalised per layer with running statistics (δ is ~1e-4 in scale and varies by
-layer; without normalisation nothing trains). The weight update of a layer is
+layer; without normalisation nothing trains). MEND's own update of a layer would be the sum
 
-    ΔW = -α_l Σ_tokens ũ δ̃ᵀ        (fan_in, fan_out), α_l a learned per-layer step.
+    ΔW = Σ_tokens a_jᵀ b_j,   a_j = -α_l ũ_j,  b_j = δ̃_j        (fan_in, fan_out), α_l a learned step.
+
+Summing breaks down for many edits, so each token instead becomes a key u_j (its layer input) and
+the change its own rank-1 term makes to that key's output, d_j = (u_j · a_j) b_j (MALMEN), and the
+update is the least-squares solution over all keys (`mend.aggregation`) with a learned ridge λ_l, a
+learned weight μ_l of the preserved-knowledge covariance C₀ of the layer's keys on unedited text.
 
 The editor only computes deltas; it never writes weights.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from mend.aggregation import KeyValues, solve
 from mend.errors import ConfigError
 from mend.targets import EditTarget
 
@@ -27,11 +34,15 @@ class EditorConfig:
     rank: int = 256  # hidden width of each residual block (low rank: [u; δ] is fan_in + fan_out wide)
     n_blocks: int = 2
     step_init: float = 1e-3  # initial α_l; the paper's 1e-4 edits nothing at step 0 on a 3.5M model
+    ridge_init: float = 1.0  # initial λ_l of the least-squares combination
+    preserve_init: float = 300.0  # initial μ_l, the weight of the preserved keys' covariance C₀
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.n_blocks < 1:
             raise ConfigError(f"editor rank ({self.rank}) and n_blocks ({self.n_blocks}) must be >= 1")
+        if self.ridge_init <= 0 or self.preserve_init < 0:
+            raise ConfigError(f"ridge_init ({self.ridge_init}) must be > 0 and preserve_init ({self.preserve_init}) >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +74,25 @@ class RunningNorm(nn.Module):
             raise RuntimeError("normalisation statistics are empty: meta-train the editor (or load a trained checkpoint) first")
         std = (self.m2 / (self.count - 1)).sqrt()
         return (x - self.mean) / (std + self.eps)
+
+
+class KeyCovariance(nn.Module):
+    """C₀: the mean outer product of a layer's keys on unedited text, accumulated in float64."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("total", torch.zeros(dim, dim, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, keys: torch.Tensor) -> None:  # keys: (N, dim)
+        k = keys.double()
+        self.total += k.T @ k
+        self.count += k.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1)
 
 
 class ShapeEditor(nn.Module):
@@ -100,20 +130,23 @@ class MendEditor(nn.Module):
             shapes.setdefault(t.shape_key, []).append(t)
         # the index of each target among the targets of its shape selects its scale/shift row
         self.layer_index = {t.param_name: group.index(t) for group in shapes.values() for t in group}
+        self.index = {t.param_name: i for i, t in enumerate(targets)}
         self.nets = nn.ModuleDict({
             key: ShapeEditor(group[0].fan_in, group[0].fan_out, len(group), cfg) for key, group in shapes.items()
         })
         self.u_norms = nn.ModuleList(RunningNorm(t.fan_in, cfg.norm_eps) for t in targets)
         self.delta_norms = nn.ModuleList(RunningNorm(t.fan_out, cfg.norm_eps) for t in targets)
         self.steps = nn.Parameter(torch.full((len(targets),), cfg.step_init))
+        self.log_ridge = nn.Parameter(torch.full((len(targets),), math.log(cfg.ridge_init)))
+        self.log_preserve = nn.Parameter(torch.full((len(targets),), math.log(max(cfg.preserve_init, 1e-30))))
+        self.preserved = nn.ModuleList(KeyCovariance(t.fan_in) for t in targets)
+        self._eigen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # target index -> C₀'s (eigenvectors, eigenvalues)
+        self.register_load_state_dict_post_hook(lambda module, _: module._eigen.clear())
 
     def low_rank(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: (a, b)} with ΔW = aᵀ b in the
-        (fan_in, fan_out) layout: a = -α_l ũ (N, fan_in), b = δ̃ (N, fan_out).
-
-        In eval mode each token row is edited independently, so the factors of a batch split by
-        rows into the factors of each edit: the service stores them per edit, 100x smaller than ΔW.
-        """
+        """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: (a, b)}, MEND's per-token
+        rank-1 updates a_jᵀ b_j in the (fan_in, fan_out) layout: a = -α_l ũ, b = δ̃. In eval mode each
+        token row is edited independently."""
         out = {}
         for i, t in enumerate(self.targets):
             u, delta = factors[t.param_name]
@@ -124,10 +157,45 @@ class MendEditor(nn.Module):
             out[t.param_name] = (-self.steps[i] * u_t, delta_t)
         return out
 
-    def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: ΔW in the weight's layout}.
+    def key_values(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyValues:
+        """{param_name: (keys u (N, fan_in), values d (N, fan_out))}: each token's key and the change of
+        the layer's output its own rank-1 update makes there, d_j = (u_j · a_j) b_j. Rows are
+        independent in eval mode, so a batch's keys and values split exactly into each edit's."""
+        out = {}
+        for name, (a, b) in self.low_rank(factors).items():
+            u = factors[name][0]
+            out[name] = (u, (u * a).sum(-1, keepdim=True) * b)
+        return out
 
-        Every token of every edit in `factors` contributes to one combined update per layer.
-        """
+    def base_eigen(self, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, w) with A₀ = μ_l C₀ + λ_l I = Q diag(w) Qᵀ, float64: the normal equation's matrix with no
+        edit. C₀'s eigendecomposition is computed once; w stays differentiable in μ_l and λ_l."""
+        i = self.index[param_name]
+        if i not in self._eigen:
+            evals, evecs = torch.linalg.eigh(self.preserved[i].mean)
+            self._eigen[i] = (evecs, evals.clamp(min=0))
+        q, evals = self._eigen[i]
+        return q, self.log_preserve[i].exp().double() * evals + self.log_ridge[i].exp().double()
+
+    def base_system(self, param_name: str) -> torch.Tensor:
+        """A₀ (fan_in, fan_in) float64."""
+        q, w = self.base_eigen(param_name)
+        return (q * w) @ q.T
+
+    @torch.no_grad()
+    def observe_preserved(self, keys: dict[str, torch.Tensor]) -> None:
+        """Add keys of unedited text ({param_name: (N, fan_in)}) to each layer's C₀."""
+        for name, k in keys.items():
+            self.preserved[self.index[name]].update(k)
+        self._eigen.clear()
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) and friends: the cached eigendecompositions move too
+        self._eigen = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: ΔW in the weight's layout}:
+        one least-squares update per layer over every token of every edit in `factors`."""
         targets = {t.param_name: t for t in self.targets}
-        return {name: targets[name].to_weight_layout(a.T @ b) for name, (a, b) in self.low_rank(factors).items()}
+        return {name: targets[name].to_weight_layout(solve(self.base_eigen(name), u, d).to(u.dtype))
+                for name, (u, d) in self.key_values(factors).items()}

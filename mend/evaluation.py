@@ -2,23 +2,30 @@
 
 - **batch**: `size` edits make one combined update of the pristine model, measured before the next
   chunk starts again from the pristine weights (size 1: single edits).
-- **sequential**: `size` edits are applied one after another, each computed on the weights the
-  earlier ones left, then every edit of the sequence is measured again (locality against the
-  pristine model's predictions). Each sequence starts from the pristine model; records that do not
-  fill a whole sequence are left out.
+- **sequential**: `size` edits are applied one after another, then every edit of the sequence is
+  measured again (locality against the pristine model's predictions). MEND goes through the
+  editing service itself (`EditService.apply`, one edit per call, on a scratch journal), so these
+  are the server's numbers; the baselines compute each edit on the weights the earlier ones left.
+  Each sequence starts from the pristine model; records that do not fill a whole sequence are left
+  out. `retention` follows the reliability of the sequence's first edits as more are added.
 
-Nothing writes the model: edited weights are override dicts (`mend.editing.edited_weights`).
+Batch mode and the baselines never write the model (edited weights are override dicts,
+`mend.editing.edited_weights`); the service writes it and is rolled back to the pristine weights
+(bit for bit) after each sequence.
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
+import time
 from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-from mend.editing import EditMethod, all_finite, edited_weights, timed_deltas
+from mend.editing import EditMethod, MendMethod, all_finite, edited_weights, timed_deltas
+from mend.journal import EditJournal
 from mend.metrics import EditMetrics, locality_reference, measure, summarize, target_scores
 from mend.records import EditRecord
 
@@ -61,36 +68,87 @@ def evaluate_method(model, tokenizer, method: EditMethod, records: list[EditReco
     return _row("batch", method, batch_size, per_edit, latencies, probed, nonfinite)
 
 
+RETENTION_FIRST = 10  # retention follows the reliability of this many first edits of a sequence
+
+
+def retention_points(length: int) -> list[int]:
+    """Numbers of edits after which retention is measured: 1-2-5 steps from the first edits' count on."""
+    first = min(RETENTION_FIRST, length)
+    steps = [m * 10**e for e in range(7) for m in (1, 2, 5)]
+    return sorted({first, length, *(t for t in steps if first < t < length)})
+
+
+class _Sequence:
+    """Apply edits one at a time: MEND through an `EditService` on a scratch journal, any other method
+    on override weights. `weights` is None for the service (the model itself is edited)."""
+
+    def __init__(self, model, tokenizer, method: EditMethod):
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.service = None
+        if isinstance(method, MendMethod):
+            from mend.service import EditService  # the service imports this module's siblings only
+
+            self._dir = tempfile.TemporaryDirectory(prefix="mend-sequence-")
+            self.service = EditService(model, tokenizer, EditJournal(self._dir.name, "harness"), method.editor.targets,
+                                       method.editor)
+
+    def apply(self, record: EditRecord) -> tuple[float, float]:
+        """(seconds, greedy reliability right after the edit)."""
+        if self.service is not None:
+            start = time.perf_counter()
+            (edit,) = self.service.apply([record]).edits
+            return time.perf_counter() - start, edit.post["reliability_em"]
+        deltas, seconds = timed_deltas(self.method, self.model, self.tokenizer, [record], self.weights)
+        self.weights = edited_weights(self.model, deltas, self.weights)
+        return seconds, target_scores(self.model, self.tokenizer, [record.prompt], [record.target_new], self.weights)[0][1]
+
+    def close(self) -> None:
+        if self.service is not None:
+            self.service.rollback_to(0)  # the pristine weights, bit for bit
+            self.service.close()
+            self._dir.cleanup()
+
+
 def evaluate_sequential(model, tokenizer, method: EditMethod, records: list[EditRecord], length: int,
                         probe: Probe | None = None, probe_sequences: int = 0) -> dict:
     """Sequential mode: `len(records) // length` sequences of `length` edits. Besides the batch-mode
-    fields, "at_edit" holds the mean reliability of each edit right after it was made, so
-    `post` / `at_edit` is how much of it survives the later edits (retention)."""
+    fields, "at_edit" holds the mean reliability of each edit right after it was made, and
+    "retention" the mean reliability of each sequence's first edits after t edits, [(t, value)]."""
     n_seq = len(records) // length
     if n_seq == 0:
         raise ValueError(f"{len(records)} records cannot fill one sequence of {length} edits")
     per_edit: list[EditMetrics] = []
     latencies, probed, at_edit, nonfinite = [], [], [], 0
+    points = retention_points(length)
+    retained: dict[int, list[float]] = {t: [] for t in points}
     bar = tqdm(total=n_seq * length, desc=f"{method.name} sequential x{length}", unit="edit", mininterval=2, leave=False)
     for s in range(n_seq):
         sequence = records[s * length : (s + 1) * length]
+        first = sequence[: points[0]]
         reference = locality_reference(model, tokenizer, sequence)  # the pristine model's predictions
-        weights = None
-        for r in sequence:
-            deltas, seconds = timed_deltas(method, model, tokenizer, [r], weights)
-            latencies.append(seconds)
-            weights = edited_weights(model, deltas, weights)
-            at_edit += target_scores(model, tokenizer, [r.prompt], [r.target_new], weights)
-            bar.update()
-        nonfinite += not all_finite(weights)
-        per_edit += measure(model, tokenizer, sequence, weights, reference)
-        if probe is not None and s < probe_sequences:
-            probed.append(probe(weights))
+        run = _Sequence(model, tokenizer, method)
+        try:
+            for t, r in enumerate(sequence, 1):
+                seconds, reliable = run.apply(r)
+                latencies.append(seconds)
+                at_edit.append(reliable)
+                if t in retained:
+                    scores = target_scores(model, tokenizer, [x.prompt for x in first], [x.target_new for x in first], run.weights)
+                    retained[t].append(statistics.mean(x[1] for x in scores))
+                bar.update()
+            weights = run.weights or {k: v.detach().clone() for k, v in model.named_parameters()}
+            nonfinite += not all_finite(weights)
+            per_edit += measure(model, tokenizer, sequence, run.weights, reference)
+            if probe is not None and s < probe_sequences:
+                probed.append(probe(run.weights))
+        finally:
+            run.close()
     bar.close()
     row = _row("sequential", method, length, per_edit, latencies, probed, nonfinite)
     row["n_sequences"] = n_seq
-    row["at_edit"] = {"reliability_tf": statistics.mean(x[0] for x in at_edit),
-                      "reliability_em": statistics.mean(x[1] for x in at_edit)}
+    row["at_edit"] = {"reliability_em": statistics.mean(at_edit)}
+    row["retention"] = [[t, statistics.mean(v)] for t, v in retained.items()]
     return row
 
 

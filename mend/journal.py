@@ -1,16 +1,19 @@
-"""The durable edit journal: SQLite (WAL) for records, one safetensors file of factors per edit.
+"""The durable edit journal: SQLite (WAL) for records, one safetensors file of keys and values per edit.
 
 Tables
 - `meta`: the base model's hash the journal belongs to.
 - `revisions`: one row per state change (revision 0 is the base model, never stored): an `apply`
   of one or more edits, a `rollback` of one edit, or a `rollback_to` an earlier revision.
   `request_id` (unique) makes applies idempotent; `fingerprint` detects a reused id.
-- `edits`: one immutable row per edit, in application order (`seq`), pointing to its factors file,
-  with the edit's own `request_id` (unique when given; batch edit files use it to resume).
-- `events`: which edits each revision activated or deactivated. The active set at any revision is
-  the last event of each edit up to it, so any past state can be restored exactly.
+- `edits`: one immutable row per edit, in application order (`seq`), pointing to its file of keys
+  and values per layer (`mend.aggregation`), with the edit's own `request_id` (unique when given;
+  batch edit files use it to resume).
+- `events`: each revision's changes of edit states: active, superseded (by a newer edit of the
+  same fact: `superseded_by`), or rolled back. An edit's state at any revision is its last event up
+  to it, so any past state can be restored exactly, and replaying the revisions in order repeats
+  every change of the weights.
 
-Durability: a factors file is written to a temporary name, fsynced and renamed before the
+Durability: a file of keys and values is written to a temporary name, fsynced and renamed before the
 transaction that references it commits (synchronous=FULL). A crash before the commit leaves an
 unreferenced file, removed at the next open; after it, the edit is complete on disk.
 """
@@ -28,10 +31,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mend.aggregation import KeyValues
 from mend.errors import EditNotFoundError, StateConflictError
 from mend.records import EditRecord
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # param_name -> (a, b), ΔW = aᵀ b
+FORMAT = "2"  # 2: per-edit keys and values, combined by least squares (1: summed rank-1 factors)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,8 +48,26 @@ CREATE TABLE IF NOT EXISTS edits (
     editor_hash TEXT NOT NULL, request_id TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS edit_request_ids ON edits (request_id) WHERE request_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
-    revision INTEGER NOT NULL, seq INTEGER NOT NULL, active INTEGER NOT NULL, PRIMARY KEY (revision, seq));
+    revision INTEGER NOT NULL, seq INTEGER NOT NULL, active INTEGER NOT NULL, superseded_by INTEGER,
+    PRIMARY KEY (revision, seq));
+CREATE INDEX IF NOT EXISTS events_by_seq ON events (seq, revision);
 """
+
+
+@dataclass(frozen=True)
+class EditState:
+    """An edit's state after a revision: active, superseded by the newer edit `superseded_by`, or
+    rolled back (neither)."""
+
+    active: bool
+    superseded_by: int | None = None
+
+    @property
+    def live(self) -> bool:  # applied and not rolled back: it returns when whatever supersedes it goes
+        return self.active or self.superseded_by is not None
+
+
+ROLLED_BACK = EditState(False)
 
 
 @dataclass(frozen=True)
@@ -57,7 +79,8 @@ class JournalEdit:
     pre: dict[str, float]  # metrics before the edit (mend.metrics.EditMetrics fields)
     post: dict[str, float]  # metrics right after it
     active: bool
-    rolled_back_at: int | None  # revision that deactivated it, when inactive
+    rolled_back_at: int | None  # revision that rolled it back, when it is rolled back
+    superseded_by: str  # edit_id of the newer active edit of the same fact, when superseded ("" otherwise)
     editor_hash: str
     request_id: str  # the edit's own idempotency key ("" when none)
     created: float
@@ -81,9 +104,15 @@ class EditJournal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        fmt = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
         row = self._db.execute("SELECT value FROM meta WHERE key='base_model_hash'").fetchone()
+        if row is not None and (fmt is None or fmt[0] != FORMAT):
+            self._db.close()
+            raise StateConflictError(f"the journal at {self.dir} was written by an older version (format {fmt[0] if fmt else 1}, "
+                                     f"not {FORMAT}): give the server a new journal directory and re-apply its edits")
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('base_model_hash', ?)", (base_model_hash,))
+            self._db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
         elif row[0] != base_model_hash:
             self._db.close()
             raise StateConflictError(
@@ -124,18 +153,36 @@ class EditJournal:
             rows = [self._db.execute("SELECT request_id, edit_id FROM edits WHERE request_id=?", (k,)).fetchone() for k in request_ids if k]
         return dict(r for r in rows if r)
 
+    def states(self, revision: int | None = None) -> dict[int, EditState]:
+        """Every edit's state after `revision` (default: now)."""
+        with self._lock:
+            if revision is None:
+                revision = self._last_revision()
+            rows = self._db.execute("SELECT seq, active, superseded_by FROM events WHERE revision<=? ORDER BY revision",
+                                    (revision,)).fetchall()
+        return {seq: EditState(bool(active), by) for seq, active, by in rows}
+
     def active_seqs(self, revision: int | None = None) -> list[int]:
         """Edits active at `revision` (default: now), in application order."""
-        with self._lock:
-            return self._active_seqs(revision)
+        return sorted(s for s, st in self.states(revision).items() if st.active)
 
-    def _active_seqs(self, revision: int | None) -> list[int]:
-        if revision is None:
-            revision = self._last_revision()
+    def history(self):
+        """(revision, {seq: active after it}) for every revision that changed the active set, in order:
+        replaying these changes repeats every change the weights went through."""
+        with self._lock:
+            rows = self._db.execute("SELECT revision, seq, active, superseded_by FROM events ORDER BY revision, seq").fetchall()
         state: dict[int, bool] = {}
-        for seq, active in self._db.execute("SELECT seq, active FROM events WHERE revision<=? ORDER BY revision", (revision,)):
+        changes: dict[int, dict[int, bool]] = {}
+        for revision, seq, active, _ in rows:
+            if state.get(seq, False) != bool(active):
+                changes.setdefault(revision, {})[seq] = bool(active)
             state[seq] = bool(active)
-        return sorted(s for s, a in state.items() if a)
+        return sorted(changes.items())
+
+    def next_seq(self) -> int:
+        """The sequence number the next applied edit gets (the caller serialises applies)."""
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()[0] + 1
 
     def get(self, edit_id: str) -> JournalEdit:
         edits = self._select("WHERE e.edit_id=?", (edit_id,))
@@ -156,40 +203,45 @@ class EditJournal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT e.seq, e.edit_id, e.revision, e.record, e.pre, e.post, e.editor_hash, e.request_id, r.created, "
-                "(SELECT active FROM events v WHERE v.seq=e.seq ORDER BY v.revision DESC LIMIT 1), "
-                "(SELECT revision FROM events v WHERE v.seq=e.seq ORDER BY v.revision DESC LIMIT 1) "
-                f"FROM edits e JOIN revisions r ON r.revision=e.revision {where}", args).fetchall()
+                "v.active, v.revision, (SELECT edit_id FROM edits s WHERE s.seq=v.superseded_by) "
+                "FROM edits e JOIN revisions r ON r.revision=e.revision "
+                "JOIN events v ON v.seq=e.seq AND v.revision=(SELECT MAX(revision) FROM events w WHERE w.seq=e.seq) "
+                f"{where}", args).fetchall()
         return [
             JournalEdit(seq, edit_id, rev, EditRecord.from_dict(json.loads(rec)), json.loads(pre), json.loads(post),
-                        bool(active), None if active else last, editor_hash, request_id or "", created)
-            for seq, edit_id, rev, rec, pre, post, editor_hash, request_id, created, active, last in rows
+                        bool(active), None if active or by else last, by or "", editor_hash, request_id or "", created)
+            for seq, edit_id, rev, rec, pre, post, editor_hash, request_id, created, active, last, by in rows
         ]
 
-    def load_factors(self, seq: int) -> Factors:
+    def load_key_values(self, seq: int) -> KeyValues:
         with self._lock:
             row = self._db.execute("SELECT factors_file FROM edits WHERE seq=?", (seq,)).fetchone()
         if row is None:
             raise EditNotFoundError(f"no edit with sequence number {seq}")
         flat = load_file(self.factors_dir / row[0])
         names = sorted({k.rsplit(".", 1)[0] for k in flat})
-        return {n: (flat[f"{n}.a"], flat[f"{n}.b"]) for n in names}
+        return {n: (flat[f"{n}.keys"], flat[f"{n}.values"]) for n in names}
 
     # ------------------------------------------------------------------ writes
 
-    def append_edits(self, records: list[EditRecord], factors: list[Factors], pre: list[dict], post: list[dict],
+    def append_edits(self, records: list[EditRecord], key_values: list[KeyValues], pre: list[dict], post: list[dict],
                      editor_hash: str, request_id: str = "", fingerprint: str = "",
-                     edit_request_ids: list[str] | None = None) -> tuple[int, list[JournalEdit]]:
-        """Persist one apply of `records` as a new revision; returns (revision, the new edits)."""
+                     edit_request_ids: list[str] | None = None,
+                     states: dict[int, EditState] | None = None) -> tuple[int, list[JournalEdit]]:
+        """Persist one apply of `records` as a new revision; returns (revision, the new edits). The new
+        edits get the sequence numbers from `next_seq()` on; `states` gives their states and any
+        older edit's new state (superseded), all active by default."""
         keys = edit_request_ids or [""] * len(records)
         with self._lock:
             revision = self._last_revision() + 1
             first = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()[0] + 1
             seqs = list(range(first, first + len(records)))
+            states = {**{s: EditState(True) for s in seqs}, **(states or {})}
             files = []
-            for seq, f in zip(seqs, factors):
+            for seq, kv in zip(seqs, key_values):
                 name = f"{seq:08d}.safetensors"
                 tmp = self.factors_dir / f"{name}.tmp"
-                save_file({f"{n}.{k}": t.detach().cpu().contiguous() for n, (a, b) in f.items() for k, t in (("a", a), ("b", b))}, tmp)
+                save_file({f"{n}.{k}": t.detach().cpu().contiguous() for n, (u, d) in kv.items() for k, t in (("keys", u), ("values", d))}, tmp)
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
                 tmp.replace(self.factors_dir / name)
@@ -203,7 +255,7 @@ class EditJournal:
                     self._db.execute("INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (
                         seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), name,
                         editor_hash, key or None))
-                    self._db.execute("INSERT INTO events VALUES (?, ?, 1)", (revision, seq))
+                self._insert_events(revision, states)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -212,15 +264,18 @@ class EditJournal:
                 raise
         return revision, self.edits(revision=revision)
 
-    def append_toggles(self, kind: str, deactivate: list[int], activate: list[int] = ()) -> int:
-        """A rollback: a new revision that deactivates (and, for rollback_to, re-activates) edits."""
+    def _insert_events(self, revision: int, states: dict[int, EditState]) -> None:  # inside a transaction
+        self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
+                             [(revision, s, int(st.active), st.superseded_by) for s, st in sorted(states.items())])
+
+    def append_states(self, kind: str, states: dict[int, EditState]) -> int:
+        """A rollback (`kind` rollback or rollback_to): a new revision with these edits' new states."""
         with self._lock:
             revision = self._last_revision() + 1
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT INTO revisions VALUES (?, ?, NULL, '', ?)", (revision, kind, time.time()))
-                self._db.executemany("INSERT INTO events VALUES (?, ?, 0)", [(revision, s) for s in deactivate])
-                self._db.executemany("INSERT INTO events VALUES (?, ?, 1)", [(revision, s) for s in activate])
+                self._insert_events(revision, states)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

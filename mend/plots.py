@@ -53,3 +53,26 @@ def plot_mode(rows: list[dict], title: str, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=90)
     return path
+
+
+def plot_retention(rows: list[dict], path: str | Path) -> Path:
+    """Sequential rows: reliability of each sequence's first edits against the number of edits made so
+    far, one panel per sequence length, one line per method."""
+    sizes = sorted({r["size"] for r in rows if len(r.get("retention", [])) > 1})
+    fig = Figure(figsize=(5 * max(len(sizes), 1), 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(len(sizes), 1), squeeze=False)[0]
+    for ax, size in zip(axes, sizes):
+        for r in (r for r in rows if r["size"] == size):
+            ax.plot([t for t, _ in r["retention"]], [v for _, v in r["retention"]], marker="o", label=r["method"])
+        ax.set_title(f"sequences of {size} edits", fontsize=10)
+        ax.set_xscale("log")
+        ax.set_xlabel("edits made so far")
+        ax.set_ylabel("reliability of the first edits (greedy EM)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Retention: do the first edits still hold as more are added?")
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    return path

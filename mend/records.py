@@ -16,6 +16,7 @@ class EditRecord:
     target_new: str  # "Zorath" (the answer after the edit; a space is put before it)
     ground_truth: str = ""  # the answer before the edit, when known
     subject: str = ""
+    relation: str = ""  # optional relation id ("P27", "birthplace"): with `subject`, names the fact being changed
     rephrase_prompt: tuple[str, ...] = ()  # paraphrases of `prompt`: generality
     locality_prompt: tuple[str, ...] = ()  # unrelated prompts: locality
     locality_ground_truth: tuple[str, ...] = ()  # their true answers, one per locality prompt
@@ -49,11 +50,20 @@ class EditRecord:
             target_new=d.get("target_new", ""),
             ground_truth=d.get("ground_truth", "") or "",
             subject=d.get("subject", "") or "",
+            relation=str(d.get("relation", "") or ""),
             rephrase_prompt=as_tuple(d.get("rephrase_prompt")),
             locality_prompt=as_tuple(d.get("locality_prompt")),
             locality_ground_truth=as_tuple(d.get("locality_ground_truth")),
             case_id=str(d.get("case_id", "")),
         )
+
+    def fact_keys(self) -> tuple[tuple[str, ...], ...]:
+        """What this edit changes, for superseding: its prompt after whitespace normalisation, and
+        (subject, relation) when it carries both. Two edits sharing any key edit the same fact."""
+        keys = (("prompt", " ".join(self.prompt.split())),)
+        if self.subject.strip() and self.relation.strip():
+            keys += (("fact", " ".join(self.subject.split()), self.relation.strip()),)
+        return keys
 
     def to_dict(self) -> dict:
         return {
@@ -62,6 +72,7 @@ class EditRecord:
             "target_new": self.target_new,
             "ground_truth": self.ground_truth,
             "subject": self.subject,
+            "relation": self.relation,
             "rephrase_prompt": list(self.rephrase_prompt),
             "locality_prompt": list(self.locality_prompt),
             "locality_ground_truth": list(self.locality_ground_truth),

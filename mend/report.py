@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from mend.plots import plot_mode
+from mend.plots import plot_mode, plot_retention
 
 METRIC_COLUMNS = ["reliability_em", "generality_em", "locality_em", "reliability_tf", "generality_tf", "locality_tf"]
 SIZE_HEADER = {"batch": "edits/update", "sequential": "edits in sequence"}
@@ -105,7 +105,7 @@ def markdown_report(report: dict) -> str:
 
 
 def write_run(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.json, table.md and one `<mode>.png` per mode; return their paths."""
+    """Write report.json, table.md, one `<mode>.png` per mode and `retention.png`; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report": out / "report.json", "table": out / "table.md"}
@@ -115,4 +115,6 @@ def write_run(report: dict, out_dir: str | Path) -> dict[str, Path]:
         rows = [r for r in report["rows"] if r["mode"] == mode]
         if rows:
             paths[f"plot_{mode}"] = plot_mode(rows, MODE_TITLE[mode], out / f"{mode}.png")
+        if mode == "sequential" and any(len(r["retention"]) > 1 for r in rows):
+            paths["plot_retention"] = plot_retention(rows, out / "retention.png")
     return paths

@@ -1,17 +1,21 @@
 """The editing service: a served model, its editor, its journal. Everything the gRPC layer calls.
 
 Semantics
-- An apply of N records is one revision; each record becomes its own edit with its own factors
-  (MEND edits token rows independently, so a batch splits exactly into per-edit deltas), computed
-  on the weights as they are now, i.e. on top of every earlier active edit.
-- Rolling back an edit removes exactly its delta: the weights are recomputed from the pristine
-  copy plus the remaining active edits' stored deltas. Later edits keep the deltas they were
-  computed with (they are not recomputed without the removed one), so a later edit that relied
-  on the removed one may behave a little differently; rolling back everything restores the base
-  model bit for bit. `rollback_to(r)` restores the exact set of edits active at revision r, as a
-  new revision (revisions only grow).
+- An apply of N records is one revision; each record becomes its own edit with its own keys and
+  values (MEND edits token rows independently, so a batch splits exactly into per-edit rows),
+  always computed on the base model's weights: an edit does not depend on which other edits are
+  active or on their order. The weights are the base weights plus one least-squares update of the
+  active set (`mend.model_state`).
+- A new edit of a fact an active edit already changed (the same prompt after whitespace
+  normalisation, or the same subject and relation) supersedes it: the older edit leaves the active
+  set, is shown as superseded, and comes back if the newer one is rolled back. Within one apply a
+  later record supersedes an earlier one. So two contradicting edits are never active together.
+- Rolling back an edit means "as if it had never been applied": its rows leave the least-squares
+  update, and the weights equal those of the same active set reached any other way (up to float64
+  rounding). Rolling back everything restores the base weights bit for bit. `rollback_to(r)`
+  restores the exact set of edits live at revision r, as a new revision (revisions only grow).
 - Every acknowledged apply or rollback is in the journal before the call returns; a restart
-  replays the journal to the same weights and revision.
+  replays the journal's revisions to the same weights, bit for bit, and the same revision.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from pathlib import Path
 
 import torch
 
+from mend.aggregation import KeyValues
 from mend.batching import encode, logits, tokenize_pairs
 from mend.checkpoint import editor_hash, load_editor
-from mend.editing import MendMethod, all_finite
-from mend.errors import (ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError,
-                         UnstableEditError)
-from mend.journal import EditJournal, JournalEdit
+from mend.editing import MendMethod
+from mend.errors import ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError
+from mend.journal import ROLLED_BACK, EditJournal, EditState, JournalEdit
 from mend.metrics import greedy_decode, locality_reference, measure
 from mend.model_state import EditableModel
 from mend.models import load_model, model_hash
@@ -79,15 +83,29 @@ class EditService:
         self.method = MendMethod(editor) if editor is not None else None
         self.locality = list(locality)[: limits.n_reference_locality]
         self.info = dict(info or {})
-        self.state = EditableModel(model, targets)
-        seqs = journal.active_seqs()
-        self._active = {s: journal.load_factors(s) for s in seqs}  # seq -> factors, application order
-        for factors in self._active.values():
-            self.state.check(factors)
+        bases = {t.param_name: editor.base_system(t.param_name).detach() for t in targets} if editor is not None else None
+        self.state = EditableModel(model, targets, bases)
+        self._states = {s: st for s, st in journal.states().items() if st.live}  # live edits: active or superseded
+        self._records = {e.seq: e.record for e in journal.edits(limit=10**9) if e.seq in self._states}
+        started = time.perf_counter()
         with self.state.lock.write():
-            self.state.reset(list(self._active.values()))
+            self._replay()
         self.revision = journal.revision
-        log.info("journal %s: revision %d, %d active edits replayed", journal.dir, self.revision, len(seqs))
+        log.info("journal %s: revision %d, %d active edits replayed in %.1f s", journal.dir, self.revision,
+                 len(self.state.active), time.perf_counter() - started)
+
+    def _replay(self) -> None:
+        """Repeat every change of the active set the journal records, in order: the same weights, bit for bit."""
+        loaded: dict[int, KeyValues] = {}
+
+        def steps():
+            for _, flips in self.journal.history():
+                add = {s: loaded.setdefault(s, self.journal.load_key_values(s)) for s, on in flips.items() if on}
+                for kv in add.values():
+                    self.state.check(kv)
+                yield [s for s, on in flips.items() if not on], add
+
+        self.state.replay(steps())
 
     @classmethod
     def open(cls, base_model: str, editor: str | None, journal_dir: str, device: str = "auto", dtype: str = "float32",
@@ -112,7 +130,8 @@ class EditService:
         self.generate("Warm up", 2)
         if self.method is not None:
             with self.state.lock.read():
-                self.method.per_edit_factors(self.model, self.tokenizer, [EditRecord(prompt="Warm up", target_new="now")])
+                self.method.per_edit_key_values(self.model, self.tokenizer, [EditRecord(prompt="Warm up", target_new="now")],
+                                                self.state.pristine)
 
     # ------------------------------------------------------------------ edits
 
@@ -173,22 +192,57 @@ class EditService:
             measured = [self._measured(r) for r in records]
             reference = locality_reference(self.model, self.tokenizer, measured)
             pre = measure(self.model, self.tokenizer, measured)
-            factors = self.method.per_edit_factors(self.model, self.tokenizer, records)
-            for f in factors:
-                self.state.check(f)
-            after = self.state.weights_after(factors)
-            if not all_finite(after):
-                raise UnstableEditError("this edit would make the weights non-finite: after the edits already applied the model "
-                                        "is too far from the base model this editor was trained on; roll back some edits and retry")
-            post = measure(self.model, self.tokenizer, measured, after, reference)
-            self._check_deadline(deadline)
-            revision, edits = self.journal.append_edits(
-                records, factors, [_clean(m) for m in pre], [_clean(m) for m in post],
-                self.info.get("editor_hash", ""), request_id, fingerprint, keys)
-            self.state.add(factors)
-            self._active.update(zip((e.seq for e in edits), factors))
+            kvs = self.method.per_edit_key_values(self.model, self.tokenizer, records, self.state.pristine)
+            for kv in kvs:
+                self.state.check(kv)
+            first = self.journal.next_seq()
+            new = dict(zip(range(first, first + len(records)), kvs))
+            self._records.update(zip(new, records))
+            try:
+                states, change = self._transition({**self._states, **{s: EditState(True) for s in new}}, new)
+                weights = self.state.weights(change)
+                post = measure(self.model, self.tokenizer, measured, weights, reference)
+                self._check_deadline(deadline)
+                revision, edits = self.journal.append_edits(
+                    records, kvs, [_clean(m) for m in pre], [_clean(m) for m in post],
+                    self.info.get("editor_hash", ""), request_id, fingerprint, keys, states)
+            except BaseException:
+                for s in new:
+                    del self._records[s]
+                raise
+            self._commit(states, change, weights)
             self.revision = revision
         return ApplyResult(revision, edits, replayed=False)
+
+    def _transition(self, live: dict[int, EditState], new: dict[int, KeyValues] = {}) -> tuple[dict[int, EditState], object]:
+        """For the edits that will be live ({seq: any state}): the state changes (newest first, an
+        edit is superseded by the newest live edit sharing a fact key with it) and the proposed
+        weight change. Nothing is written."""
+        resolved: dict[int, EditState] = {}
+        owner: dict[tuple, int] = {}
+        for s in sorted(live, reverse=True):
+            keys = self._records[s].fact_keys()
+            by = next((owner[k] for k in keys if k in owner), None)
+            resolved[s] = EditState(by is None, by)
+            if by is None:
+                owner.update(dict.fromkeys(keys, s))
+        states = {s: st for s, st in resolved.items() if self._states.get(s) != st}
+        states.update({s: ROLLED_BACK for s in self._states if s not in resolved})
+        was = set(self.state.active)
+        remove = [s for s in was if not resolved.get(s, ROLLED_BACK).active]
+        add = {s: new[s] if s in new else self.journal.load_key_values(s)
+               for s, st in sorted(resolved.items()) if st.active and s not in was}
+        return states, self.state.propose(remove, add)
+
+    def _commit(self, states: dict[int, EditState], change, weights=None) -> None:
+        """Write a journaled transition into the weights and the in-memory states."""
+        self.state.commit(change, weights)
+        for s, st in states.items():
+            if st.live:
+                self._states[s] = st
+            else:
+                self._states.pop(s, None)
+                self._records.pop(s, None)
 
     @staticmethod
     def _check_deadline(deadline: float | None) -> None:
@@ -196,38 +250,36 @@ class EditService:
             raise DeadlineExceededError("the deadline passed before the edit could be applied; nothing was changed")
 
     def rollback_edit(self, edit_id: str) -> int:
+        """Roll back an active or superseded edit; what it superseded comes back."""
         with self.state.lock.write():
             edit = self.journal.get(edit_id)
-            if not edit.active:
+            if edit.seq not in self._states:
                 raise StateConflictError(f"edit {edit_id} was already rolled back (revision {edit.rolled_back_at})")
-            self.revision = self.journal.append_toggles("rollback", [edit.seq])
-            del self._active[edit.seq]
-            self.state.reset(list(self._active.values()))
+            states, change = self._transition({s: st for s, st in self._states.items() if s != edit.seq})
+            self.revision = self.journal.append_states("rollback", states)
+            self._commit(states, change)
             return self.revision
 
     def rollback_to(self, revision: int) -> tuple[int, int]:
-        """Restore the edits active at `revision` (0 = the base model): (new revision, edits changed)."""
+        """Restore the edits live at `revision` (0 = the base model): (new revision, edits changed)."""
         if revision < 0:
             raise InvalidEditError(f"revision {revision} is negative; 0 is the base model")
         with self.state.lock.write():
             if revision > self.revision:
                 raise EditNotFoundError(f"no revision {revision}: the current revision is {self.revision}")
-            target = self.journal.active_seqs(revision)
-            drop = [s for s in self._active if s not in target]
-            add = [s for s in target if s not in self._active]
-            if not drop and not add:
+            live = {s: st for s, st in self.journal.states(revision).items() if st.live}
+            back = [e for e in self.journal.edits(limit=10**9) if e.seq in live and e.seq not in self._records]
+            self._records.update((e.seq, e.record) for e in back)
+            states, change = self._transition(live)
+            if not states:
                 return self.revision, 0
-            self.revision = self.journal.append_toggles("rollback_to", drop, add)
-            for s in drop:
-                del self._active[s]
-            self._active.update({s: self.journal.load_factors(s) for s in add})
-            self._active = dict(sorted(self._active.items()))
-            self.state.reset(list(self._active.values()))
-            return self.revision, len(drop) + len(add)
+            self.revision = self.journal.append_states("rollback_to", states)
+            self._commit(states, change)
+            return self.revision, len(states)
 
     @property
     def n_active(self) -> int:
-        return len(self._active)
+        return len(self.state.active)
 
     def get(self, edit_id: str) -> JournalEdit:
         return self.journal.get(edit_id)
@@ -270,4 +322,4 @@ class EditService:
     def model_info(self) -> dict:
         with self.state.lock.read():
             return {**self.info, "targets": list(self.state.targets), "revision": self.revision,
-                    "active_edits": len(self._active), "editor_loaded": self.method is not None}
+                    "active_edits": len(self.state.active), "editor_loaded": self.method is not None}

@@ -1,8 +1,10 @@
 """Meta-train a MEND editor.
 
-Each step samples k edits (k cycles through `batch_sizes`, so the editor learns single and batch
-edits), computes their gradient factors on the frozen base model, lets the editor turn them into
-one combined update, and scores the edited model (through `torch.func.functional_call`) with
+Each step samples k edits (k cycles through `batch_sizes`, from single edits to hundreds), computes
+their gradient factors on the frozen base model, lets the editor turn them into keys and values
+and those into one least-squares update per layer (the same solve the service uses, so the editor
+learns what to produce for it; λ_l and μ_l are learned with it), and scores the edited model
+(through `torch.func.functional_call`) with
 
     c_edit · NLL(new target | edit prompt and its paraphrases)  +  c_loc · KL(pre || post | unrelated facts).
 
@@ -22,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mend.batching import encode, logits, masked_kl, target_nll
-from mend.capture import edit_factors
+from mend.capture import edit_factors, layer_inputs
 from mend.checkpoint import save_editor
 from mend.editing import MendMethod, edited_weights
 from mend.editor import EditorConfig, MendEditor
@@ -37,16 +39,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 6000
-    batch_sizes: tuple[int, ...] = (1, 10, 10)  # edits per step, cycled: two of three steps train batch editing
-    locality_per_step: int = 16  # unrelated facts in each KL term
+    batch_sizes: tuple[int, ...] = (1, 10, 100, 1, 30, 300)  # edits per step, cycled: single edits to hundreds
+    locality_per_step: int = 16  # unrelated facts in each KL term (at least as many as edits, up to `scored_edits`)
+    scored_edits: int = 64  # the loss scores at most this many of a step's edits (a random subset): every edit
+                            # enters the solve, but the step's cost stays flat in the number of edits
     lr: float = 1e-4  # editor network
     step_lr: float = 1e-4  # the per-layer edit steps α_l
+    solve_lr: float = 3e-3  # log λ_l and log μ_l of the least-squares combination
+    preserved_facts: int = 2000  # unedited true facts whose keys make each layer's C₀
     c_edit: float = 1.0
     c_loc: float = 3.0
     grad_clip: float = 100.0
     cosine_decay: bool = True  # both learning rates follow a cosine from 1x to 0.1x over `steps`
     val_every: int = 1000
-    val_edits: int = 100  # single edits per validation (plus the same edits in batches of 10)
+    val_edits: int = 100  # edits per validation, singly, in batches of 10 and all in one update
     patience: int = 4  # validations without improvement before stopping
     seed: int = 0
 
@@ -70,13 +76,27 @@ def _locality_facts(pool: list[Fact], records: list[EditRecord], n: int, rng: ra
     raise ConfigError(f"the locality pool ({len(pool)} facts) has too few facts unrelated to the edited subjects {subjects}")
 
 
-def meta_loss(model, editor: MendEditor, tokenizer, records: list[EditRecord], loc: list[Fact], cfg: TrainConfig):
+def observe_preserved(model, tokenizer, editor: MendEditor, facts: list[Fact], batch_size: int = 64) -> None:
+    """Accumulate each layer's C₀ from the keys of unedited true facts (prompt and answer tokens)."""
+    if not facts:
+        raise ConfigError("no unedited facts to estimate the preserved-key covariance C₀ from: the split's locality pool is empty")
+    device = next(model.parameters()).device
+    for i in range(0, len(facts), batch_size):
+        chunk = facts[i : i + batch_size]
+        batch = encode(tokenizer, [f.prompt for f in chunk], [f.answer for f in chunk]).to(device)
+        editor.observe_preserved(layer_inputs(model, editor.targets, batch))
+
+
+def meta_loss(model, editor: MendEditor, tokenizer, records: list[EditRecord], loc: list[Fact], cfg: TrainConfig,
+              scored: list[EditRecord] | None = None):
+    """The loss of one update made of all `records`; the edit term scores `scored` (default: all)."""
     device = next(model.parameters()).device
     edit_batch = encode(tokenizer, [r.prompt for r in records], [r.target_new for r in records]).to(device)
     deltas = editor(edit_factors(model, editor.targets, edit_batch))
     weights = edited_weights(model, deltas)
-    prompts = [r.prompt for r in records] + [p for r in records for p in r.rephrase_prompt]
-    answers = [r.target_new for r in records] + [r.target_new for r in records for _ in r.rephrase_prompt]
+    scored = records if scored is None else scored
+    prompts = [r.prompt for r in scored] + [p for r in scored for p in r.rephrase_prompt]
+    answers = [r.target_new for r in scored] + [r.target_new for r in scored for _ in r.rephrase_prompt]
     outer = encode(tokenizer, prompts, answers).to(device)
     l_edit = target_nll(logits(model, outer, weights), outer).mean()
     loc_batch = encode(tokenizer, [f.prompt for f in loc], [f.answer for f in loc]).to(device)
@@ -86,13 +106,17 @@ def meta_loss(model, editor: MendEditor, tokenizer, records: list[EditRecord], l
     return cfg.c_edit * l_edit + cfg.c_loc * l_loc, {"edit": l_edit.item(), "loc": l_loc.item()}
 
 
+VAL_SIZES = (1, 10, 100)
+
+
 def validate(model, tokenizer, editor: MendEditor, records: list[EditRecord]) -> dict[str, float]:
-    """Greedy exact-match metrics for single edits and for batches of 10; `score` averages them."""
+    """Greedy exact-match metrics for single edits, batches of 10 and of 100; `score` averages them."""
     results = {}
-    for size in (1, 10):
+    sizes = [n for n in VAL_SIZES if n <= len(records)]
+    for size in sizes:
         s = evaluate_method(model, tokenizer, MendMethod(editor), records, batch_size=size)["post"]
         results.update({f"b{size}_{k}": v for k, v in s.items()})
-    keys = [f"b{n}_{m}_em" for n in (1, 10) for m in ("reliability", "generality", "locality")]
+    keys = [f"b{n}_{m}_em" for n in sizes for m in ("reliability", "generality", "locality")]
     results["score"] = sum(results[k] for k in keys) / len(keys)
     editor.train()
     return results
@@ -106,9 +130,11 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
     rng = random.Random(cfg.seed)
     device = next(model.parameters()).device
     editor = MendEditor(targets, editor_cfg).to(device).train()
-    step_params = [editor.steps]
-    net_params = [p for n, p in editor.named_parameters() if n != "steps"]
-    opt = torch.optim.Adam([{"params": net_params, "lr": cfg.lr}, {"params": step_params, "lr": cfg.step_lr}])
+    observe_preserved(model, tokenizer, editor, rng.sample(train.locality_pool, min(cfg.preserved_facts, len(train.locality_pool))))
+    special = {"steps": cfg.step_lr, "log_ridge": cfg.solve_lr, "log_preserve": cfg.solve_lr}
+    net_params = [p for n, p in editor.named_parameters() if n not in special]
+    opt = torch.optim.Adam([{"params": net_params, "lr": cfg.lr}] +
+                           [{"params": [getattr(editor, n)], "lr": lr} for n, lr in special.items()])
     decay = (lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / cfg.steps))) if cfg.cosine_decay else (lambda s: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     val_records = val.records[: cfg.val_edits]
@@ -118,8 +144,9 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
     for step in bar:
         k = cfg.batch_sizes[step % len(cfg.batch_sizes)]
         records = rng.sample(train.records, k)
-        loc = _locality_facts(train.locality_pool, records, max(cfg.locality_per_step, k), rng)
-        loss, parts = meta_loss(model, editor, tokenizer, records, loc, cfg)
+        loc = _locality_facts(train.locality_pool, records, min(max(cfg.locality_per_step, k), cfg.scored_edits), rng)
+        scored = rng.sample(records, min(k, cfg.scored_edits))
+        loss, parts = meta_loss(model, editor, tokenizer, records, loc, cfg, scored)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.grad_clip)

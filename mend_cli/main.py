@@ -79,7 +79,7 @@ def _split(cfg, split: str):
 def train_editor_cmd(cfg: DictConfig) -> None:
     from mend.editor import EditorConfig
     from mend.targets import resolve_targets
-    from mend.trainer import TrainConfig, train_editor
+    from mend.trainer import VAL_SIZES, TrainConfig, train_editor
 
     model, tok = _model(cfg)
     targets = resolve_targets(model, cfg.targets.patterns, cfg.targets.n_last_blocks)
@@ -92,8 +92,8 @@ def train_editor_cmd(cfg: DictConfig) -> None:
     )
     best = max(report["history"], key=lambda h: h["score"])
     print(f"editor -> {cfg.paths.editor} after {report['minutes']} min; best validation (step {best['step']}):")
-    for size in (1, 10):
-        print(f"  {size:>2} edit(s)/update: " + "  ".join(
+    for size in (n for n in VAL_SIZES if f"b{n}_reliability_em" in best):
+        print(f"  {size:>3} edit(s)/update: " + "  ".join(
             f"{m} {best[f'b{size}_{m}_em']:.3f}" for m in ("reliability", "generality", "locality")))
 
 
@@ -173,9 +173,10 @@ def evaluate(cfg: DictConfig) -> None:
 
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     method_names = eval_cfg.pop("methods")
+    split = eval_cfg.pop("split")
     hcfg = as_config(HarnessConfig, OmegaConf.create(eval_cfg), seed=cfg.seed)
     model, tok = _model(cfg)
-    records = select_records(_split(cfg, "test").records, hcfg.n_edits, hcfg.seed)
+    records = select_records(_split(cfg, split).records, hcfg.n_edits, hcfg.seed)
     methods = _methods(cfg, model, list(method_names))
     probe, heldout = _perplexity_probe(cfg, model, tok)
     data_file = dataset_path(cfg.dataset.name, "test", _dataset_path(cfg))
@@ -185,7 +186,7 @@ def evaluate(cfg: DictConfig) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "minutes": round((time.time() - started) / 60, 2),
         "seed": cfg.seed,
-        "dataset": {"name": cfg.dataset.name, "split": "test", "path": data_file, "sha256": dataset_hash(data_file),
+        "dataset": {"name": cfg.dataset.name, "split": split, "path": data_file, "sha256": dataset_hash(data_file),
                     "case_ids": [r.case_id for r in records]},
         "model": {"path": str(cfg.paths.base_model), "model_type": model.config.model_type,
                   "parameters": sum(p.numel() for p in model.parameters()),

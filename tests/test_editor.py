@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from mend.aggregation import solve
 from mend.batching import encode
 from mend.capture import edit_factors
 from mend.checkpoint import load_editor, save_editor
@@ -84,13 +85,34 @@ def test_mismatched_checkpoint_is_refused(gpt2, llama, tmp_path):
         load_editor(tmp_path, model)
 
 
-def test_batch_of_edits_gives_one_combined_update(gpt2):
+def test_a_batch_is_one_least_squares_update_over_every_edits_rows(gpt2):
     model, tok = gpt2
     targets = resolve_targets(model, n_last_blocks=1)
     editor = warmed_editor(model, tok, targets, 1e-2)
     method = MendMethod(editor)
     second = EditRecord(prompt="Beta speaks", target_new="Rosish")
     both = method.deltas(model, tok, [EDIT, second])
-    a, b = method.deltas(model, tok, [EDIT]), method.deltas(model, tok, [second])
-    for k in both:  # identity editor: factors are per token, so the batch update is the sum
-        torch.testing.assert_close(both[k], a[k] + b[k], rtol=1e-4, atol=1e-6)
+    per_edit = method.per_edit_key_values(model, tok, [EDIT, second])
+    alone = [method.per_edit_key_values(model, tok, [r])[0] for r in (EDIT, second)]
+    for t in targets:
+        name = t.param_name
+        keys = torch.cat([kv[name][0] for kv in per_edit])
+        values = torch.cat([kv[name][1] for kv in per_edit])
+        for kv, single in zip(per_edit, alone):  # a batch splits exactly into each edit's own rows
+            torch.testing.assert_close(kv[name][0], single[name][0])
+            torch.testing.assert_close(kv[name][1], single[name][1], rtol=1e-4, atol=1e-9)
+        s = solve(editor.base_eigen(name), keys, values).float()
+        torch.testing.assert_close(both[name], t.to_weight_layout(s))
+        assert torch.linalg.norm(keys @ s - values) < torch.linalg.norm(values)  # the solve moves outputs towards d
+
+
+def test_the_update_solves_the_ridge_normal_equation(gpt2):
+    model, tok = gpt2
+    targets = resolve_targets(model, n_last_blocks=1)
+    editor = warmed_editor(model, tok, targets, 1e-2)
+    (kv,) = MendMethod(editor).per_edit_key_values(model, tok, [EDIT])
+    name = targets[0].param_name
+    u, d = (x.double() for x in kv[name])
+    s = solve(editor.base_eigen(name), u, d)
+    lam = editor.log_ridge[0].exp().item()  # no preserved keys observed: A₀ = λ I
+    torch.testing.assert_close((u.T @ u + lam * torch.eye(u.shape[1], dtype=torch.float64)) @ s, u.T @ d)

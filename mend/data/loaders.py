@@ -80,9 +80,13 @@ def dataset_path(dataset: str, split: str, path: str | None = None) -> str:
 
 
 def load_split(dataset: str, split: str, path: str | None = None, val_size: int = 200, seed: int = 0) -> EditSplit:
-    """`split` is train, val or test. For the synthetic world these are disjoint entity sets. For
-    a file dataset, `train`/`val` are a seeded split of the file (val: `val_size` records) and
-    `test` is the whole file (CounterFact's test file is counterfact-val)."""
+    """`split` is train, val or test, or several joined by "+" (test+val: both, in that order). For the
+    synthetic world these are disjoint entity sets. For a file dataset, `train`/`val` are a seeded
+    split of the file (val: `val_size` records) and `test` is the whole file (CounterFact's test
+    file is counterfact-val)."""
+    if "+" in split:
+        parts = [load_split(dataset, part, path, val_size, seed) for part in split.split("+")]
+        return EditSplit([r for p in parts for r in p.records], [f for p in parts for f in p.locality_pool])
     path = dataset_path(dataset, split, path)
     if dataset == "synthetic":
         return World.load(path).edit_split(split)

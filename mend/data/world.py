@@ -205,6 +205,7 @@ class World:
                 target_new=rng.choice(objects),
                 ground_truth=f["object"],
                 subject=f["subject"],
+                relation=f["relation"],
                 rephrase_prompt=(self.prompt(f, f["held_out_template"]), self.prompt(f, other_t)),
                 locality_prompt=(self.prompt(loc, loc_t),),
                 locality_ground_truth=(loc["object"],),
