@@ -42,3 +42,56 @@ def run_benchmark(model, tokenizer, methods: list[EditMethod], records: list[Edi
         result[f"{method.name}_s"] = statistics.median(timed_deltas(method, model, tokenizer, [r])[1] for r in timed)
         result[f"{method.name}_over_forward_backward"] = result[f"{method.name}_s"] / result["forward_backward_s"]
     return result
+
+
+def _median_seconds(fn, records: list[EditRecord]) -> float:
+    times = []
+    for r in records:
+        start = time.perf_counter()
+        fn(r)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRecord], chunk: int = 100) -> dict:
+    """The served edit with 0 and with len(active) active edits: `bare_edit_s` (keys and values on the
+    base weights, the least-squares change of every layer and the new weights, nothing written) and
+    `apply_edit_s` (a whole ApplyEdit: metrics, journal and write; each is rolled back untimed);
+    `apply_chunk_s` (ApplyEdits of `chunk` edits), `replay_s` (reopening the journal of len(active)
+    edits). `open_service()` opens the service on one scratch journal; `timed` and `active` are
+    distinct facts."""
+    service = open_service()
+
+    def bare(r: EditRecord) -> None:
+        (kv,) = service.method.per_edit_key_values(service.model, service.tokenizer, [r], service.state.pristine)
+        service.state.weights(service.state.propose([], {service.journal.next_seq(): kv}))
+
+    def applied(r: EditRecord) -> None:
+        start = time.perf_counter()
+        (edit,) = service.apply([r]).edits
+        seconds.append(time.perf_counter() - start)
+        service.rollback_edit(edit.edit_id)
+
+    result = {}
+    try:
+        for r in timed[:2]:  # warm-up
+            bare(r)
+        for label in ("0", str(len(active))):
+            if label != "0":
+                start = time.perf_counter()
+                for i in range(0, len(active), chunk):
+                    service.apply(active[i : i + chunk])
+                result["apply_chunk_s"] = (time.perf_counter() - start) / -(-len(active) // chunk)
+            result[f"bare_edit_s@{label}"] = _median_seconds(bare, timed)
+            seconds: list[float] = []
+            for r in timed:
+                applied(r)
+            result[f"apply_edit_s@{label}"] = statistics.median(seconds)
+    finally:
+        service.close()
+    start = time.perf_counter()
+    reopened = open_service()
+    result["replay_s"] = time.perf_counter() - start
+    result["replayed_active"] = reopened.n_active
+    reopened.close()
+    return result

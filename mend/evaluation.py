@@ -68,12 +68,12 @@ def evaluate_method(model, tokenizer, method: EditMethod, records: list[EditReco
     return _row("batch", method, batch_size, per_edit, latencies, probed, nonfinite)
 
 
-RETENTION_FIRST = 10  # retention follows the reliability of this many first edits of a sequence
+RETENTION_FIRST = 10  # retention follows the reliability of this many first edits of a sequence (fewer when short)
 
 
 def retention_points(length: int) -> list[int]:
-    """Numbers of edits after which retention is measured: 1-2-5 steps from the first edits' count on."""
-    first = min(RETENTION_FIRST, length)
+    """Numbers of edits after which retention is measured: the first edits' count, then 1-2-5 steps."""
+    first = min(RETENTION_FIRST, max(1, length // 2))
     steps = [m * 10**e for e in range(7) for m in (1, 2, 5)]
     return sorted({first, length, *(t for t in steps if first < t < length)})
 

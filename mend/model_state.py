@@ -134,7 +134,8 @@ class EditableModel:
         out = {}
         for name, sol in change.solutions.items():
             w0 = self.pristine[name]
-            out[name] = w0.clone() if not change.active else w0 + self.targets[name].to_weight_layout(sol.S).to(w0.dtype)
+            # one rounding from float64: the same S up to float64 rounding gives weights at most one step apart
+            out[name] = w0.clone() if not change.active else (w0.double() + self.targets[name].to_weight_layout(sol.S)).to(w0.dtype)
         return out
 
     @torch.no_grad()

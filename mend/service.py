@@ -38,7 +38,7 @@ from mend.editing import MendMethod
 from mend.errors import ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError
 from mend.journal import ROLLED_BACK, EditJournal, EditState, JournalEdit
 from mend.metrics import greedy_decode, locality_reference, measure
-from mend.model_state import EditableModel
+from mend.model_state import Change, EditableModel
 from mend.models import load_model, model_hash
 from mend.records import EditRecord, Fact
 from mend.targets import resolve_targets
@@ -86,7 +86,7 @@ class EditService:
         bases = {t.param_name: editor.base_system(t.param_name).detach() for t in targets} if editor is not None else None
         self.state = EditableModel(model, targets, bases)
         self._states = {s: st for s, st in journal.states().items() if st.live}  # live edits: active or superseded
-        self._records = {e.seq: e.record for e in journal.edits(limit=10**9) if e.seq in self._states}
+        self._facts = {e.seq: e.record.fact_keys() for e in journal.edits(limit=10**9) if e.seq in self._states}  # superseding keys
         started = time.perf_counter()
         with self.state.lock.write():
             self._replay()
@@ -197,7 +197,7 @@ class EditService:
                 self.state.check(kv)
             first = self.journal.next_seq()
             new = dict(zip(range(first, first + len(records)), kvs))
-            self._records.update(zip(new, records))
+            self._facts.update(zip(new, (r.fact_keys() for r in records)))
             try:
                 states, change = self._transition({**self._states, **{s: EditState(True) for s in new}}, new)
                 weights = self.state.weights(change)
@@ -208,20 +208,20 @@ class EditService:
                     self.info.get("editor_hash", ""), request_id, fingerprint, keys, states)
             except BaseException:
                 for s in new:
-                    del self._records[s]
+                    del self._facts[s]
                 raise
             self._commit(states, change, weights)
             self.revision = revision
         return ApplyResult(revision, edits, replayed=False)
 
-    def _transition(self, live: dict[int, EditState], new: dict[int, KeyValues] = {}) -> tuple[dict[int, EditState], object]:
+    def _transition(self, live: dict[int, EditState], new: dict[int, KeyValues] | None = None) -> tuple[dict[int, EditState], Change]:
         """For the edits that will be live ({seq: any state}): the state changes (newest first, an
         edit is superseded by the newest live edit sharing a fact key with it) and the proposed
         weight change. Nothing is written."""
         resolved: dict[int, EditState] = {}
         owner: dict[tuple, int] = {}
         for s in sorted(live, reverse=True):
-            keys = self._records[s].fact_keys()
+            keys = self._facts[s]
             by = next((owner[k] for k in keys if k in owner), None)
             resolved[s] = EditState(by is None, by)
             if by is None:
@@ -230,11 +230,12 @@ class EditService:
         states.update({s: ROLLED_BACK for s in self._states if s not in resolved})
         was = set(self.state.active)
         remove = [s for s in was if not resolved.get(s, ROLLED_BACK).active]
+        new = new or {}
         add = {s: new[s] if s in new else self.journal.load_key_values(s)
                for s, st in sorted(resolved.items()) if st.active and s not in was}
         return states, self.state.propose(remove, add)
 
-    def _commit(self, states: dict[int, EditState], change, weights=None) -> None:
+    def _commit(self, states: dict[int, EditState], change: Change, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write a journaled transition into the weights and the in-memory states."""
         self.state.commit(change, weights)
         for s, st in states.items():
@@ -242,7 +243,7 @@ class EditService:
                 self._states[s] = st
             else:
                 self._states.pop(s, None)
-                self._records.pop(s, None)
+                self._facts.pop(s, None)
 
     @staticmethod
     def _check_deadline(deadline: float | None) -> None:
@@ -268,8 +269,8 @@ class EditService:
             if revision > self.revision:
                 raise EditNotFoundError(f"no revision {revision}: the current revision is {self.revision}")
             live = {s: st for s, st in self.journal.states(revision).items() if st.live}
-            back = [e for e in self.journal.edits(limit=10**9) if e.seq in live and e.seq not in self._records]
-            self._records.update((e.seq, e.record) for e in back)
+            self._facts.update((e.seq, e.record.fact_keys()) for e in self.journal.edits(limit=10**9)
+                               if e.seq in live and e.seq not in self._facts)
             states, change = self._transition(live)
             if not states:
                 return self.revision, 0

@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 6000
+    steps: int = 2000
     batch_sizes: tuple[int, ...] = (1, 10, 100, 1, 30, 300)  # edits per step, cycled: single edits to hundreds
     locality_per_step: int = 16  # unrelated facts in each KL term (at least as many as edits, up to `scored_edits`)
     scored_edits: int = 64  # the loss scores at most this many of a step's edits (a random subset): every edit
                             # enters the solve, but the step's cost stays flat in the number of edits
-    lr: float = 1e-4  # editor network
+    lr: float = 2e-4  # editor network
     step_lr: float = 1e-4  # the per-layer edit steps α_l
     solve_lr: float = 3e-3  # log λ_l and log μ_l of the least-squares combination
     preserved_facts: int = 2000  # unedited true facts whose keys make each layer's C₀
@@ -51,7 +51,7 @@ class TrainConfig:
     c_loc: float = 3.0
     grad_clip: float = 100.0
     cosine_decay: bool = True  # both learning rates follow a cosine from 1x to 0.1x over `steps`
-    val_every: int = 1000
+    val_every: int = 500
     val_edits: int = 100  # edits per validation, singly, in batches of 10 and all in one update
     patience: int = 4  # validations without improvement before stopping
     seed: int = 0

@@ -1,10 +1,11 @@
 """`mend edit FILE`, `mend rollback`, `mend edits`: batch edit files against a server or locally.
 
 An edit file is JSONL, one edit per line, with EasyEdit's field names (see data/sample_edits.jsonl):
-    {"prompt": "...", "target_new": "...", "subject": "...", "ground_truth": "...",
+    {"prompt": "...", "target_new": "...", "subject": "...", "relation": "...", "ground_truth": "...",
      "rephrase_prompt": "..." or [...], "locality_prompt": "..." or [...],
      "locality_ground_truth": "..." or [...], "request_id": "...", "case_id": "..."}
-`prompt` and `target_new` are required. `request_id` is the edit's key in the journal (`--resume`
+`prompt` and `target_new` are required. A line that edits the same prompt (or the same subject and
+relation) as an earlier active edit supersedes it. `request_id` is the edit's key in the journal (`--resume`
 skips keys already applied); a line without one gets `auto-<hash of its content>`.
 
 Targets: `--server ADDR` sends chunks of `--batch-size` edits with ApplyEdits; without it the file
@@ -28,6 +29,10 @@ from mend.errors import MendError
 from mend.records import EditRecord
 
 METRICS = ("reliability_em", "generality_em", "locality_em")
+
+
+def _state(active: bool, superseded_by: str) -> str:
+    return "active" if active else f"superseded by {superseded_by}" if superseded_by else "rolled back"
 
 
 @dataclass
@@ -82,7 +87,8 @@ class ServerTarget:
         return self.client.rollback(edit_id) if edit_id else self.client.rollback_to(revision).model_revision
 
     def list(self, active_only: bool) -> list[tuple]:
-        return [(e.edit_id, e.revision, e.active, e.request_id, e.spec.prompt, e.spec.target_new) for e in self.client.edits(active_only)]
+        return [(e.edit_id, e.revision, _state(e.active, e.superseded_by), e.request_id, e.spec.prompt, e.spec.target_new)
+                for e in self.client.edits(active_only)]
 
     def close(self) -> None:
         self.client.close()
@@ -107,7 +113,8 @@ class LocalTarget:
         return self.service.rollback_edit(edit_id) if edit_id else self.service.rollback_to(revision)[0]
 
     def list(self, active_only: bool) -> list[tuple]:
-        return [(e.edit_id, e.revision, e.active, e.request_id, e.record.prompt, e.record.target_new) for e in self.service.list(active_only)]
+        return [(e.edit_id, e.revision, _state(e.active, e.superseded_by), e.request_id, e.record.prompt, e.record.target_new)
+                for e in self.service.list(active_only)]
 
     def close(self) -> None:
         """Write the edited model beside its journal, then close the journal."""
@@ -203,7 +210,7 @@ def list_edits(args, cfg) -> int:
             target.close()
         else:
             target.service.close()  # listing never rewrites the model
-    print("| edit | revision | active | request_id | prompt | target_new |\n|---|---|---|---|---|---|")
+    print("| edit | revision | state | request_id | prompt | target_new |\n|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
     return 0

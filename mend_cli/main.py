@@ -209,16 +209,36 @@ def evaluate(cfg: DictConfig) -> None:
 
 
 def bench(cfg: DictConfig) -> None:
-    from mend.benchmark import run_benchmark
+    import tempfile
+
+    from mend.benchmark import run_benchmark, service_benchmark
+    from mend_cli.serve import open_service
 
     model, tok = _model(cfg)
     methods = _methods(cfg, model, ["MEND", "FT", "FT+KL"])
     result = run_benchmark(model, tok, methods, _split(cfg, "test").records, cfg.bench.repeats)
+    fb = result["forward_backward_s"]
     print(f"median over {cfg.bench.repeats} single edits on {next(model.parameters()).device}:")
-    print(f"  forward+backward of the base model: {result['forward_backward_s'] * 1000:8.2f} ms")
+    print(f"  forward+backward of the base model: {fb * 1000:8.2f} ms")
     for m in methods:
         print(f"  {m.name:6} edit: {result[m.name + '_s'] * 1000:8.2f} ms  "
               f"({result[m.name + '_over_forward_backward']:.2f}x forward+backward)")
+    n = cfg.bench.active_edits
+    records = _split(cfg, cfg.bench.split).records
+    if len(records) < n + cfg.bench.repeats:
+        raise SystemExit(f"config error: bench.split={cfg.bench.split} has {len(records)} edits; "
+                         f"bench.active_edits + bench.repeats = {n + cfg.bench.repeats}")
+    with tempfile.TemporaryDirectory(prefix="mend-bench-") as journal:
+        scratch = OmegaConf.merge(cfg, {"paths": {"journal": journal}})
+        served = service_benchmark(lambda: open_service(scratch), records[n : n + cfg.bench.repeats], records[:n])
+    print(f"the served edit (median of {cfg.bench.repeats}), with 0 and with {n} active edits:")
+    for label in ("0", str(n)):
+        bare, apply = served[f"bare_edit_s@{label}"], served[f"apply_edit_s@{label}"]
+        print(f"  {label:>5} active: edit itself {bare * 1000:7.2f} ms ({bare / fb:.2f}x forward+backward), "
+              f"ApplyEdit {apply * 1000:7.2f} ms ({apply / bare:.2f}x the edit)")
+    print(f"  ApplyEdit with {n} active / with 0: {served[f'apply_edit_s@{n}'] / served['apply_edit_s@0']:.2f}x; "
+          f"ApplyEdits of 100: {served['apply_chunk_s']:.2f} s")
+    print(f"  start-up replay of the journal ({served['replayed_active']} active edits): {served['replay_s']:.1f} s")
 
 
 def quickstart(cfg: DictConfig) -> None:

@@ -18,7 +18,7 @@ from server.api.mend.v1 import editing_pb2_grpc as pb_grpc
 def record_from_spec(spec: pb.EditSpec) -> EditRecord:
     return EditRecord(
         prompt=spec.prompt, target_new=spec.target_new, ground_truth=spec.ground_truth, subject=spec.subject,
-        rephrase_prompt=tuple(spec.rephrase_prompts), locality_prompt=tuple(spec.locality_prompts),
+        relation=spec.relation, rephrase_prompt=tuple(spec.rephrase_prompts), locality_prompt=tuple(spec.locality_prompts),
         locality_ground_truth=tuple(spec.locality_answers), case_id=spec.case_id,
     )
 
@@ -26,7 +26,8 @@ def record_from_spec(spec: pb.EditSpec) -> EditRecord:
 def spec_from_record(r: EditRecord) -> pb.EditSpec:
     return pb.EditSpec(
         prompt=r.prompt, target_new=r.target_new, rephrase_prompts=r.rephrase_prompt, locality_prompts=r.locality_prompt,
-        locality_answers=r.locality_ground_truth, subject=r.subject, ground_truth=r.ground_truth, case_id=r.case_id,
+        locality_answers=r.locality_ground_truth, subject=r.subject, relation=r.relation, ground_truth=r.ground_truth,
+        case_id=r.case_id,
     )
 
 
@@ -39,7 +40,7 @@ def edit_message(e: JournalEdit) -> pb.Edit:
         edit_id=e.edit_id, seq=e.seq, revision=e.revision, spec=spec_from_record(e.record),
         before=metrics_message(e.pre), after=metrics_message(e.post), active=e.active,
         rolled_back_at_revision=e.rolled_back_at or 0, request_id=e.request_id, created_unix=e.created,
-        editor_hash=e.editor_hash,
+        editor_hash=e.editor_hash, superseded_by=e.superseded_by,
     )
 
 

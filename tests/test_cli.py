@@ -17,7 +17,8 @@ def test_build_train_eval_bench_on_a_tiny_model(tmp_path, world_path, capsys):
     report = json.loads((tmp_path / "base" / "build_report.json").read_text())
     assert report["config"]["n_layer"] == 2 and len(report["history"]) == 2
 
-    train = ["targets.n_last_blocks=1", "editor.rank=16", "train.steps=20", "train.val_every=10", "train.val_edits=10"]
+    train = ["targets.n_last_blocks=1", "editor.rank=16", "train.steps=20", "train.val_every=10", "train.val_edits=10",
+             "train.batch_sizes=[1,4]"]
     assert main(["train-editor", *common, *train]) == 0
     meta = json.loads((tmp_path / "editor" / "editor.json").read_text())
     assert [t["name"] for t in meta["targets"]] == ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
@@ -41,8 +42,9 @@ def test_build_train_eval_bench_on_a_tiny_model(tmp_path, world_path, capsys):
     assert [(r["mode"], r["method"], r["size"]) for r in report["rows"]] == [("sequential", "FT", 2)]
     assert report["perplexity_pre"] is None and (run / "sequential.png").is_file()
 
-    assert main(["bench", *common, "bench.repeats=2"]) == 0
-    assert "forward+backward of the base model" in capsys.readouterr().out
+    assert main(["bench", *common, "bench.repeats=2", "bench.active_edits=20"]) == 0
+    out = capsys.readouterr().out
+    assert "forward+backward of the base model" in out and "start-up replay of the journal (20 active edits)" in out
 
 
 def test_unknown_config_key_is_refused():

@@ -64,7 +64,7 @@ def test_local_apply_resume_rollback_and_list(tmp_path, world, common, capsys):
     capsys.readouterr()
     assert main(["edits", "--out", str(out), *common]) == 0
     listing = capsys.readouterr().out
-    assert "| edit-000004 | 3 | False | r3 |" in listing
+    assert "| edit-000004 | 3 | rolled back | r3 |" in listing
 
 
 def test_server_and_local_give_the_same_weights_for_the_same_file(tmp_path, world, common, trained_gpt2_dir, tiny_editor_dir, world_path):

@@ -71,25 +71,31 @@ def test_rows_match_the_metrics_module(setup):
         assert row["perplexity"] == perplexity(model, text, first)  # perplexity_samples=1: the first update
         assert row["perplexity_ratio"] == row["perplexity"] / report["perplexity_pre"]
 
-        # sequences of 3: each edit computed on the weights the earlier ones left
+        # sequences of 3: MEND through the service (every edit on the base weights, one least-squares
+        # update of the active set: the batch update of the sequence); FT on the weights the earlier
+        # edits left
         direct = []
         for sequence in (records[:3], records[3:]):
             ref = locality_reference(model, tok, sequence)  # pristine predictions
-            weights = None
-            for r in sequence:
-                weights = edited_weights(model, method.deltas(model, tok, [r], weights=weights), weights)
+            if method.name == "MEND":
+                weights = edited_weights(model, method.deltas(model, tok, sequence))
+            else:
+                weights = None
+                for r in sequence:
+                    weights = edited_weights(model, method.deltas(model, tok, [r], weights=weights), weights)
             direct += measure(model, tok, sequence, weights, ref)
         row = _row(report, "sequential", method.name, 3)
         assert row["post"] == summarize(direct) and row["n_updates"] == 6 and row["nonfinite"] == 0
         assert [m for m in row["per_edit"]] == [m.as_dict() for m in direct]
+        assert [t for t, _ in row["retention"]] == [1, 2, 3]
 
     ft = _row(report, "sequential", "FT", 3)
     assert ft["at_edit"]["reliability_em"] == 1.0  # FT reaches every target when it is made
 
 
-def test_sequential_edits_build_on_earlier_ones(setup):
+def test_sequential_baseline_edits_build_on_earlier_ones(setup):
     model, tok, methods, records, _ = setup
-    for method in methods:
+    for method in methods[1:]:
         first = edited_weights(model, method.deltas(model, tok, records[:1]))
         on_pristine = method.deltas(model, tok, records[1:2])
         empty = method.deltas(model, tok, records[1:2], weights={})
@@ -99,6 +105,13 @@ def test_sequential_edits_build_on_earlier_ones(setup):
         both = edited_weights(model, on_edited, first)
         assert all(torch.equal(both[k], first[k] + on_edited[k]) for k in first)
     assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_a_sequential_run_leaves_the_model_as_it_was(setup):
+    model, tok, methods, records, _ = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _run(setup, HarnessConfig(modes=("sequential",), sizes=(3,), n_edits=3, perplexity_samples=0))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_runs_are_deterministic_and_written_out(setup, tmp_path):
@@ -112,8 +125,8 @@ def test_runs_are_deterministic_and_written_out(setup, tmp_path):
     assert {"dataset", "seed", "versions", "harness", "pre", "perplexity_pre", "rows"} <= set(loaded)
     assert loaded["versions"]["torch"] == torch.__version__
     assert loaded["rows"][0]["post"] == a["rows"][0]["post"]
-    for mode in ("batch", "sequential"):
-        assert paths[f"plot_{mode}"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("batch", "sequential", "retention"):
+        assert paths[f"plot_{plot}"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = paths["table"].read_text()
     assert "## Batch" in table and "## Sequential" in table and table.count("| MEND |") == 4
 

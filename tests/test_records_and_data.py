@@ -10,7 +10,7 @@ from mend.data.world import World, WorldConfig, generate_world
 from mend.errors import InvalidEditError
 from mend.records import EditRecord
 
-FIELDS = {"prompt", "target_new", "ground_truth", "subject", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "case_id"}
+FIELDS = {"prompt", "target_new", "ground_truth", "subject", "relation", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "case_id"}
 
 
 def test_empty_prompt_or_target_is_refused(tokenizer):
@@ -60,3 +60,10 @@ def test_real_datasets_load_into_the_same_records(dataset):
         assert r.prompt and r.target_new and r.rephrase_prompt and r.locality_prompt and r.locality_ground_truth
     train, val = load_split(dataset, "train"), load_split(dataset, "val")
     assert not ({r.case_id for r in train.records} & {r.case_id for r in val.records})
+
+
+def test_fact_keys_name_the_fact_an_edit_changes():
+    a = EditRecord(prompt="Ann  was born\tin ", target_new="x", subject="Ann", relation="P19")
+    assert ("prompt", "Ann was born in") in a.fact_keys() and ("fact", "Ann", "P19") in a.fact_keys()
+    assert EditRecord(prompt="Ann was born in", target_new="y").fact_keys() == (("prompt", "Ann was born in"),)
+    assert EditRecord.from_dict({"prompt": "p", "target_new": "t", "subject": "s", "relation": "r"}).relation == "r"

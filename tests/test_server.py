@@ -1,5 +1,6 @@
 """The real gRPC server, in process on port 0, through real channels."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 import subprocess
@@ -99,7 +100,7 @@ def test_apply_edits_is_one_revision_and_the_journal_reconciles(start, records):
     assert client.rollback_to(0).edits_changed == 3 and client.edits(active_only=True) == []
 
 
-def test_bad_requests_get_the_right_status_and_change_nothing(start, records):
+def test_bad_requests_get_the_right_status_and_change_nothing(start, records, assert_same_up_to_rounding):
     server, client = start(limits=ServiceLimits(max_prompt_chars=100, max_edits_per_call=2))
     client.apply(records[0])
     before = served_weights(server)
@@ -127,8 +128,20 @@ def test_bad_requests_get_the_right_status_and_change_nothing(start, records):
         assert got == code and message in details, (got, details)
     client.rollback_to(1)  # drop the one good edit the request_id case made
     assert [e.edit_id for e in client.edits(active_only=True)] == ["edit-000001"]
-    after = served_weights(server)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_up_to_rounding(served_weights(server), before)  # the same active set as before
+
+
+def test_a_newer_edit_of_the_same_fact_supersedes_and_rollback_restores_it(start, records):
+    server, client = start()
+    r = dataclasses.replace(records[0], subject="Quo Vadis", relation="P19")
+    old = client.apply(r)
+    new = client.apply(dataclasses.replace(r, prompt="Where was Quo Vadis born? In", target_new="Zed"))  # same subject, relation
+    got = client.get(old.edit_id)
+    assert not got.active and got.superseded_by == new.edit_id and got.rolled_back_at_revision == 0
+    assert client.get(new.edit_id).spec.relation == "P19"
+    assert [e.edit_id for e in client.edits(active_only=True)] == [new.edit_id]
+    client.rollback(new.edit_id)
+    assert client.get(old.edit_id).active and client.info().active_edits == 1
 
 
 def test_deadline_that_passes_while_waiting_applies_nothing(start, records):

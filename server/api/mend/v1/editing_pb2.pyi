@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EditSpec(_message.Message):
-    __slots__ = ("prompt", "target_new", "rephrase_prompts", "locality_prompts", "locality_answers", "subject", "ground_truth", "case_id", "request_id")
+    __slots__ = ("prompt", "target_new", "rephrase_prompts", "locality_prompts", "locality_answers", "subject", "ground_truth", "case_id", "request_id", "relation")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_NEW_FIELD_NUMBER: _ClassVar[int]
     REPHRASE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class EditSpec(_message.Message):
     GROUND_TRUTH_FIELD_NUMBER: _ClassVar[int]
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RELATION_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target_new: str
     rephrase_prompts: _containers.RepeatedScalarFieldContainer[str]
@@ -26,7 +27,8 @@ class EditSpec(_message.Message):
     ground_truth: str
     case_id: str
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., rephrase_prompts: _Optional[_Iterable[str]] = ..., locality_prompts: _Optional[_Iterable[str]] = ..., locality_answers: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., ground_truth: _Optional[str] = ..., case_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    relation: str
+    def __init__(self, prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., rephrase_prompts: _Optional[_Iterable[str]] = ..., locality_prompts: _Optional[_Iterable[str]] = ..., locality_answers: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ..., ground_truth: _Optional[str] = ..., case_id: _Optional[str] = ..., request_id: _Optional[str] = ..., relation: _Optional[str] = ...) -> None: ...
 
 class EditMetrics(_message.Message):
     __slots__ = ("reliability_tf", "reliability_em", "generality_tf", "generality_em", "locality_tf", "locality_em")
@@ -45,7 +47,7 @@ class EditMetrics(_message.Message):
     def __init__(self, reliability_tf: _Optional[float] = ..., reliability_em: _Optional[float] = ..., generality_tf: _Optional[float] = ..., generality_em: _Optional[float] = ..., locality_tf: _Optional[float] = ..., locality_em: _Optional[float] = ...) -> None: ...
 
 class Edit(_message.Message):
-    __slots__ = ("edit_id", "seq", "revision", "spec", "before", "after", "active", "rolled_back_at_revision", "request_id", "created_unix", "editor_hash")
+    __slots__ = ("edit_id", "seq", "revision", "spec", "before", "after", "active", "rolled_back_at_revision", "request_id", "created_unix", "editor_hash", "superseded_by")
     EDIT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +59,7 @@ class Edit(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     EDITOR_HASH_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_BY_FIELD_NUMBER: _ClassVar[int]
     edit_id: str
     seq: int
     revision: int
@@ -68,7 +71,8 @@ class Edit(_message.Message):
     request_id: str
     created_unix: float
     editor_hash: str
-    def __init__(self, edit_id: _Optional[str] = ..., seq: _Optional[int] = ..., revision: _Optional[int] = ..., spec: _Optional[_Union[EditSpec, _Mapping]] = ..., before: _Optional[_Union[EditMetrics, _Mapping]] = ..., after: _Optional[_Union[EditMetrics, _Mapping]] = ..., active: _Optional[bool] = ..., rolled_back_at_revision: _Optional[int] = ..., request_id: _Optional[str] = ..., created_unix: _Optional[float] = ..., editor_hash: _Optional[str] = ...) -> None: ...
+    superseded_by: str
+    def __init__(self, edit_id: _Optional[str] = ..., seq: _Optional[int] = ..., revision: _Optional[int] = ..., spec: _Optional[_Union[EditSpec, _Mapping]] = ..., before: _Optional[_Union[EditMetrics, _Mapping]] = ..., after: _Optional[_Union[EditMetrics, _Mapping]] = ..., active: _Optional[bool] = ..., rolled_back_at_revision: _Optional[int] = ..., request_id: _Optional[str] = ..., created_unix: _Optional[float] = ..., editor_hash: _Optional[str] = ..., superseded_by: _Optional[str] = ...) -> None: ...
 
 class ApplyEditRequest(_message.Message):
     __slots__ = ("edit", "request_id")

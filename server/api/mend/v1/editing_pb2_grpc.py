@@ -99,14 +99,14 @@ class EditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RollbackEdit(self, request, context):
-        """Undo one edit: the weights are recomputed from the pristine model plus the remaining edits.
+        """Undo one edit, as if it had never been applied; an edit it superseded becomes active again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RollbackTo(self, request, context):
-        """Restore the edits that were active at a revision (0 = the base model), as a new revision.
+        """Restore the edits that were live (active or superseded) at a revision (0 = the base model), as a new revision.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
