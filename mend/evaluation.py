@@ -28,6 +28,7 @@ from mend.editing import EditMethod, MendMethod, all_finite, edited_weights, tim
 from mend.journal import EditJournal
 from mend.metrics import EditMetrics, locality_reference, measure, summarize, target_scores
 from mend.records import EditRecord
+from mend.service import EditService
 
 Probe = Callable[[dict[str, torch.Tensor] | None], float]  # a number measured on (edited) weights: held-out perplexity
 
@@ -87,8 +88,6 @@ class _Sequence:
         self.weights: dict[str, torch.Tensor] | None = None
         self.service = None
         if isinstance(method, MendMethod):
-            from mend.service import EditService  # the service imports this module's siblings only
-
             self._dir = tempfile.TemporaryDirectory(prefix="mend-sequence-")
             self.service = EditService(model, tokenizer, EditJournal(self._dir.name, "harness"), method.editor.targets,
                                        method.editor)

@@ -170,10 +170,10 @@ class EditJournal:
         """(revision, {seq: active after it}) for every revision that changed the active set, in order:
         replaying these changes repeats every change the weights went through."""
         with self._lock:
-            rows = self._db.execute("SELECT revision, seq, active, superseded_by FROM events ORDER BY revision, seq").fetchall()
+            rows = self._db.execute("SELECT revision, seq, active FROM events ORDER BY revision, seq").fetchall()
         state: dict[int, bool] = {}
         changes: dict[int, dict[int, bool]] = {}
-        for revision, seq, active, _ in rows:
+        for revision, seq, active in rows:
             if state.get(seq, False) != bool(active):
                 changes.setdefault(revision, {})[seq] = bool(active)
             state[seq] = bool(active)

@@ -199,7 +199,7 @@ class EditService:
             new = dict(zip(range(first, first + len(records)), kvs))
             self._facts.update(zip(new, (r.fact_keys() for r in records)))
             try:
-                states, change = self._transition({**self._states, **{s: EditState(True) for s in new}}, new)
+                states, change = self._transition(set(self._states) | set(new), new)
                 weights = self.state.weights(change)
                 post = measure(self.model, self.tokenizer, measured, weights, reference)
                 self._check_deadline(deadline)
@@ -214,8 +214,8 @@ class EditService:
             self.revision = revision
         return ApplyResult(revision, edits, replayed=False)
 
-    def _transition(self, live: dict[int, EditState], new: dict[int, KeyValues] | None = None) -> tuple[dict[int, EditState], Change]:
-        """For the edits that will be live ({seq: any state}): the state changes (newest first, an
+    def _transition(self, live: set[int], new: dict[int, KeyValues] | None = None) -> tuple[dict[int, EditState], Change]:
+        """For the edits that will be live (applied, not rolled back): the state changes (newest first, an
         edit is superseded by the newest live edit sharing a fact key with it) and the proposed
         weight change. Nothing is written."""
         resolved: dict[int, EditState] = {}
@@ -256,7 +256,7 @@ class EditService:
             edit = self.journal.get(edit_id)
             if edit.seq not in self._states:
                 raise StateConflictError(f"edit {edit_id} was already rolled back (revision {edit.rolled_back_at})")
-            states, change = self._transition({s: st for s, st in self._states.items() if s != edit.seq})
+            states, change = self._transition(set(self._states) - {edit.seq})
             self.revision = self.journal.append_states("rollback", states)
             self._commit(states, change)
             return self.revision
@@ -268,7 +268,7 @@ class EditService:
         with self.state.lock.write():
             if revision > self.revision:
                 raise EditNotFoundError(f"no revision {revision}: the current revision is {self.revision}")
-            live = {s: st for s, st in self.journal.states(revision).items() if st.live}
+            live = {s for s, st in self.journal.states(revision).items() if st.live}
             self._facts.update((e.seq, e.record.fact_keys()) for e in self.journal.edits(limit=10**9)
                                if e.seq in live and e.seq not in self._facts)
             states, change = self._transition(live)

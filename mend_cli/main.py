@@ -109,7 +109,7 @@ def _methods(cfg, model, names):
         from mend.targets import resolve_targets
 
         targets = resolve_targets(model, cfg.targets.patterns, cfg.targets.n_last_blocks)
-    pool = _split(cfg, "test").locality_pool
+    pool = _split(cfg, "train").locality_pool  # true facts of entities that evaluation never edits
     made = {
         "MEND": lambda: MendMethod(editor),
         "FT": lambda: FineTune(targets, as_config(FTConfig, cfg.ft, c_kl=0.0)),
