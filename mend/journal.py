@@ -162,10 +162,6 @@ class EditJournal:
                                     (revision,)).fetchall()
         return {seq: EditState(bool(active), by) for seq, active, by in rows}
 
-    def active_seqs(self, revision: int | None = None) -> list[int]:
-        """Edits active at `revision` (default: now), in application order."""
-        return sorted(s for s, st in self.states(revision).items() if st.active)
-
     def history(self):
         """(revision, {seq: active after it}) for every revision that changed the active set, in order:
         replaying these changes repeats every change the weights went through."""
