@@ -80,8 +80,9 @@ def retention_points(length: int) -> list[int]:
 
 
 class _Sequence:
-    """Apply edits one at a time: MEND through an `EditService` on a scratch journal, any other method
-    on override weights. `weights` is None for the service (the model itself is edited)."""
+    """Apply edits one at a time: MEND through one `EditService` on a scratch journal, any other method
+    on override weights. `weights` is None for the service (the model itself is edited). `reset`
+    goes back to the pristine weights for the next sequence (bit for bit: RollbackTo(0))."""
 
     def __init__(self, model, tokenizer, method: EditMethod):
         self.model, self.tokenizer, self.method = model, tokenizer, method
@@ -102,9 +103,14 @@ class _Sequence:
         self.weights = edited_weights(self.model, deltas, self.weights)
         return seconds, target_scores(self.model, self.tokenizer, [record.prompt], [record.target_new], self.weights)[0][1]
 
-    def close(self) -> None:
+    def reset(self) -> None:
+        self.weights = None
         if self.service is not None:
-            self.service.rollback_to(0)  # the pristine weights, bit for bit
+            self.service.rollback_to(0)
+
+    def close(self) -> None:
+        self.reset()
+        if self.service is not None:
             self.service.close()
             self._dir.cleanup()
 
@@ -122,12 +128,12 @@ def evaluate_sequential(model, tokenizer, method: EditMethod, records: list[Edit
     points = retention_points(length)
     retained: dict[int, list[float]] = {t: [] for t in points}
     bar = tqdm(total=n_seq * length, desc=f"{method.name} sequential x{length}", unit="edit", mininterval=2, leave=False)
-    for s in range(n_seq):
-        sequence = records[s * length : (s + 1) * length]
-        first = sequence[: points[0]]
-        reference = locality_reference(model, tokenizer, sequence)  # the pristine model's predictions
-        run = _Sequence(model, tokenizer, method)
-        try:
+    run = _Sequence(model, tokenizer, method)
+    try:
+        for s in range(n_seq):
+            sequence = records[s * length : (s + 1) * length]
+            first = sequence[: points[0]]
+            reference = locality_reference(model, tokenizer, sequence)  # the pristine model's predictions
             for t, r in enumerate(sequence, 1):
                 seconds, reliable = run.apply(r)
                 latencies.append(seconds)
@@ -136,13 +142,13 @@ def evaluate_sequential(model, tokenizer, method: EditMethod, records: list[Edit
                     scores = target_scores(model, tokenizer, [x.prompt for x in first], [x.target_new for x in first], run.weights)
                     retained[t].append(statistics.mean(x[1] for x in scores))
                 bar.update()
-            weights = run.weights or {k: v.detach().clone() for k, v in model.named_parameters()}
-            nonfinite += not all_finite(weights)
+            nonfinite += not all_finite(run.weights or dict(model.named_parameters()))
             per_edit += measure(model, tokenizer, sequence, run.weights, reference)
             if probe is not None and s < probe_sequences:
                 probed.append(probe(run.weights))
-        finally:
-            run.close()
+            run.reset()
+    finally:
+        run.close()
     bar.close()
     row = _row("sequential", method, length, per_edit, latencies, probed, nonfinite)
     row["n_sequences"] = n_seq
