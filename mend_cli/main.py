@@ -52,11 +52,19 @@ def build_world(cfg: DictConfig) -> None:
 def build_base(cfg: DictConfig) -> None:
     from mend.base_model import BaseModelConfig, build_base_model
 
-    bm = as_config(BaseModelConfig, cfg.base_model, world_path=cfg.paths.world, seed=cfg.seed, device=cfg.device)
+    bm = as_config(BaseModelConfig, cfg.base_model, world_path=cfg.paths.world, shared_data=_shared_data(cfg),
+                   seed=cfg.seed, device=cfg.device)
     report = build_base_model(bm, cfg.paths.base_model)
     print(f"base model: {report['parameters'] / 1e6:.2f}M parameters, trained {report['train_minutes']} min -> {cfg.paths.base_model}")
-    print(f"  greedy exact match on its training facts:    {report['train_facts']['exact_match']:.3f}")
-    print(f"  greedy exact match on held-out phrasings:     {report['held_out_phrasing']['exact_match']:.3f}")
+    print("  greedy exact match (teacher-forced token accuracy) of what it was trained on:")
+    for name, acc in report["probes"].items():
+        print(f"    {name:32} {acc['exact_match']:.3f} ({acc['token_acc']:.3f})")
+
+
+def _shared_data(cfg) -> str:
+    from mend.data.loaders import SHARED_DATA
+
+    return str(cfg.paths.shared_data or SHARED_DATA)
 
 
 def _model(cfg):

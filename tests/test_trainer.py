@@ -26,7 +26,7 @@ def held_out_meta_loss(model, tok, editor, split, cfg):
 def test_short_meta_training_lowers_post_edit_loss(trained_gpt2_dir, world, tmp_path):
     model, tok = load_model(trained_gpt2_dir, device="cpu")
     report = json.loads((trained_gpt2_dir / "build_report.json").read_text())
-    assert report["train_facts"]["token_acc"] > 0.3  # the builder really taught the tiny model its facts
+    assert report["probes"]["train_facts"]["token_acc"] > 0.3  # the builder really taught the tiny model its facts
     targets = resolve_targets(model, n_last_blocks=2)
     train, val = world.edit_split("train"), world.edit_split("val")
     editor_cfg = EditorConfig(rank=32, step_init=1e-2)
