@@ -72,11 +72,9 @@ def edit_factors(model, targets: list[EditTarget], batch: TargetBatch,
 
 
 @torch.no_grad()
-def layer_inputs(model, targets: list[EditTarget], batch: TargetBatch,
-                 keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """{param_name: (N, fan_in)}: each target layer's input at the tokens `keep` (B, T) selects,
-    default every non-pad token of `batch`."""
+def layer_inputs(model, targets: list[EditTarget], batch: TargetBatch) -> dict[str, torch.Tensor]:
+    """{param_name: (N, fan_in)}: each target layer's input at every non-pad token of `batch`."""
     with capture(model, targets) as store:
         logits(model, batch)
-    keep = batch.attention_mask.bool() if keep is None else keep
+    keep = batch.attention_mask.bool()
     return {t.param_name: store[t.param_name].u[keep].float() for t in targets}

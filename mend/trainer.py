@@ -47,8 +47,6 @@ class TrainConfig:
     step_lr: float = 1e-4  # the per-layer edit steps α_l
     solve_lr: float = 3e-3  # log λ_l and log μ_l of the least-squares combination
     preserved_facts: int = 2000  # unedited true facts whose keys make each layer's C₀
-    preserved_positions: str = "all"  # C₀ from every token of them, or only "predictions": the
-                                      # last prompt token and the answer tokens whose outputs predict the answer
     c_edit: float = 1.0
     c_loc: float = 3.0
     grad_clip: float = 100.0
@@ -61,8 +59,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError("steps must be >= 1 and batch_sizes a non-empty list of sizes >= 1")
-        if self.preserved_positions not in ("all", "predictions"):
-            raise ConfigError(f"train.preserved_positions must be 'all' or 'predictions', not {self.preserved_positions!r}")
         if self.c_edit <= 0 or self.c_loc < 0:
             raise ConfigError("c_edit must be > 0 and c_loc >= 0")
 
@@ -80,21 +76,15 @@ def _locality_facts(pool: list[Fact], records: list[EditRecord], n: int, rng: ra
     raise ConfigError(f"the locality pool ({len(pool)} facts) has too few facts unrelated to the edited subjects {subjects}")
 
 
-def observe_preserved(model, tokenizer, editor: MendEditor, facts: list[Fact], positions: str = "all",
-                      batch_size: int = 64) -> None:
-    """Accumulate each layer's C₀ from the keys of unedited true facts: at every token, or only at the
-    `positions="predictions"` whose outputs predict the answer."""
+def observe_preserved(model, tokenizer, editor: MendEditor, facts: list[Fact], batch_size: int = 64) -> None:
+    """Accumulate each layer's C₀ from the keys of unedited true facts (prompt and answer tokens)."""
     if not facts:
         raise ConfigError("no unedited facts to estimate the preserved-key covariance C₀ from: the split's locality pool is empty")
     device = next(model.parameters()).device
     for i in range(0, len(facts), batch_size):
         chunk = facts[i : i + batch_size]
         batch = encode(tokenizer, [f.prompt for f in chunk], [f.answer for f in chunk]).to(device)
-        keep = None
-        if positions == "predictions":
-            keep = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
-            keep[:, :-1] = batch.target_mask
-        editor.observe_preserved(layer_inputs(model, editor.targets, batch, keep))
+        editor.observe_preserved(layer_inputs(model, editor.targets, batch))
 
 
 def meta_loss(model, editor: MendEditor, tokenizer, records: list[EditRecord], loc: list[Fact], cfg: TrainConfig,
@@ -140,8 +130,7 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
     rng = random.Random(cfg.seed)
     device = next(model.parameters()).device
     editor = MendEditor(targets, editor_cfg).to(device).train()
-    observe_preserved(model, tokenizer, editor, rng.sample(train.locality_pool, min(cfg.preserved_facts, len(train.locality_pool))),
-                      cfg.preserved_positions)
+    observe_preserved(model, tokenizer, editor, rng.sample(train.locality_pool, min(cfg.preserved_facts, len(train.locality_pool))))
     special = {"steps": cfg.step_lr, "log_ridge": cfg.solve_lr, "log_preserve": cfg.solve_lr}
     net_params = [p for n, p in editor.named_parameters() if n not in special]
     opt = torch.optim.Adam([{"params": net_params, "lr": cfg.lr}] +

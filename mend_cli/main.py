@@ -81,7 +81,8 @@ def _dataset_path(cfg):
 def _split(cfg, split: str):
     from mend.data.loaders import load_split
 
-    return load_split(cfg.dataset.name, split, _dataset_path(cfg), val_size=cfg.dataset.val_size, seed=cfg.seed)
+    return load_split(cfg.dataset.name, split, _dataset_path(cfg), val_size=cfg.dataset.val_size, seed=cfg.seed,
+                      shared_data=_shared_data(cfg))
 
 
 def train_editor_cmd(cfg: DictConfig) -> None:
@@ -159,11 +160,11 @@ def demo(cfg: DictConfig) -> None:
 
 def _perplexity_probe(cfg, model, tok):
     """(held-out perplexity of given weights, report entry), or (None, None) when skipped."""
-    from mend.data.loaders import DEFAULT_PATHS, dataset_hash
+    from mend.data.loaders import dataset_hash, shared_file
     from mend.perplexity import HeldOutText, PerplexityConfig, perplexity
 
     pcfg = as_config(PerplexityConfig, cfg.perplexity)
-    path = pcfg.path or DEFAULT_PATHS["wikitext"]
+    path = pcfg.path or shared_file("wikitext", _shared_data(cfg))
     if pcfg.max_tokens == 0:
         return None, None
     if pcfg.path is None and not Path(path).is_file():
@@ -187,7 +188,7 @@ def evaluate(cfg: DictConfig) -> None:
     records = select_records(_split(cfg, split).records, hcfg.n_edits, hcfg.seed)
     methods = _methods(cfg, model, list(method_names))
     probe, heldout = _perplexity_probe(cfg, model, tok)
-    data_file = dataset_path(cfg.dataset.name, "test", _dataset_path(cfg))
+    data_file = dataset_path(cfg.dataset.name, "test", _dataset_path(cfg), _shared_data(cfg))
     started = time.time()
     measured = run_harness(model, tok, methods, records, hcfg, probe)
     report = {

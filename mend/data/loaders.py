@@ -15,14 +15,17 @@ from mend.errors import ConfigError
 from mend.records import EditRecord, EditSplit, Fact
 
 log = logging.getLogger(__name__)
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-DEFAULT_PATHS = {
-    "synthetic": "data/synthetic_world.json",
-    "counterfact": str(SHARED_DATA / "counterfact" / "counterfact-train.json"),
-    "counterfact_val": str(SHARED_DATA / "counterfact" / "counterfact-val.json"),
-    "zsre": str(SHARED_DATA / "zsre" / "zsre_mend_train_1k.json"),
-    "wikitext": str(SHARED_DATA / "wikitext" / "wikitext2_valid.txt"),  # held-out text for perplexity
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # the default paths.shared_data
+SHARED_FILES = {
+    "counterfact": "counterfact/counterfact-train.json",
+    "counterfact_val": "counterfact/counterfact-val.json",
+    "zsre": "zsre/zsre_mend_train_1k.json",
+    "wikitext": "wikitext/wikitext2_valid.txt",  # held-out text for perplexity
 }
+
+
+def shared_file(name: str, shared_data: str | Path = SHARED_DATA) -> str:
+    return str(Path(shared_data) / SHARED_FILES[name])
 
 
 def _read_json(path: str | Path) -> list[dict]:
@@ -67,27 +70,28 @@ def load_zsre(path: str | Path) -> list[EditRecord]:
     return records
 
 
-def dataset_path(dataset: str, split: str, path: str | None = None) -> str:
-    """The file `load_split` reads: `path` when given, else the dataset's default for the split
-    (CounterFact's test file is counterfact-val)."""
+def dataset_path(dataset: str, split: str, path: str | None = None, shared_data: str | Path = SHARED_DATA) -> str:
+    """The file `load_split` reads: `path` when given, else the dataset's default for the split in
+    `shared_data` (CounterFact's test file is counterfact-val)."""
     if dataset not in ("synthetic", "counterfact", "zsre"):
         raise ConfigError(f"unknown dataset {dataset!r}; use one of synthetic, counterfact, zsre")
     if path:
         return str(path)
-    if dataset == "counterfact" and split == "test":
-        return DEFAULT_PATHS["counterfact_val"]
-    return DEFAULT_PATHS[dataset]
+    if dataset == "synthetic":
+        return "data/synthetic_world.json"
+    return shared_file("counterfact_val" if dataset == "counterfact" and split == "test" else dataset, shared_data)
 
 
-def load_split(dataset: str, split: str, path: str | None = None, val_size: int = 200, seed: int = 0) -> EditSplit:
+def load_split(dataset: str, split: str, path: str | None = None, val_size: int = 200, seed: int = 0,
+               shared_data: str | Path = SHARED_DATA) -> EditSplit:
     """`split` is train, val or test, or several joined by "+" (test+val: both, in that order). For the
     synthetic world these are disjoint entity sets. For a file dataset, `train`/`val` are a seeded
     split of the file (val: `val_size` records) and `test` is the whole file (CounterFact's test
     file is counterfact-val)."""
     if "+" in split:
-        parts = [load_split(dataset, part, path, val_size, seed) for part in split.split("+")]
+        parts = [load_split(dataset, part, path, val_size, seed, shared_data) for part in split.split("+")]
         return EditSplit([r for p in parts for r in p.records], [f for p in parts for f in p.locality_pool])
-    path = dataset_path(dataset, split, path)
+    path = dataset_path(dataset, split, path, shared_data)
     if dataset == "synthetic":
         return World.load(path).edit_split(split)
     records = {"counterfact": load_counterfact, "zsre": load_zsre}[dataset](path)
