@@ -64,11 +64,11 @@ class BaseModelConfig:
             raise ConfigError("epochs and batch_size must be at least 1")
         if self.statement_loss not in ("all", "answer"):
             raise ConfigError(f"statement_loss must be 'all' or 'answer', not {self.statement_loss!r}")
-        if not 8 <= self.text_chunk <= self.n_positions or self.text_chunks_per_epoch < 0:
-            raise ConfigError(f"text_chunk must be in [8, n_positions={self.n_positions}] and text_chunks_per_epoch >= 0")
+        if self.text_chunks_per_epoch < 0 or (self.text_chunks_per_epoch and not 8 <= self.text_chunk <= self.n_positions):
+            raise ConfigError(f"text_chunks_per_epoch must be >= 0, and with running text text_chunk in [8, n_positions={self.n_positions}]")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: list[str], vocab_size: int, max_length: int = 128) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # "Ann" = " Ann": one token per name
     tok.decoder = decoders.ByteLevel()
@@ -76,7 +76,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=128)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=max_length)
 
 
 def fact_accuracy(model, tokenizer, facts) -> dict[str, float]:
@@ -131,7 +131,7 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict:
     rng = random.Random(cfg.seed)
     corpus = build_corpus(cfg.corpus, cfg.world_path, cfg.shared_data, cfg.extra_facts, cfg.text_holdout_chars)
     sentences = [f"{f.prompt} {f.answer}" for f in corpus.statements]
-    tokenizer = train_tokenizer(sentences + corpus.text, cfg.vocab_size)
+    tokenizer = train_tokenizer(sentences + corpus.text, cfg.vocab_size, cfg.n_positions)
     device = resolve_device(cfg.device)
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
@@ -139,6 +139,14 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict:
         pad_token_id=tokenizer.eos_token_id,
     )).to(device)
     prompt_ids, answer_ids = tokenize_pairs(tokenizer, [f.prompt for f in corpus.statements], [f.answer for f in corpus.statements])
+    too_long = {f for f, a in zip(corpus.statements, answer_ids) if len(a) >= cfg.n_positions - 1}
+    if too_long:  # an answer must fit in the context after at least one prompt token
+        log.warning("%d statement(s) whose answer alone is %d+ tokens are left out of the corpus", len(too_long), cfg.n_positions - 1)
+        keep = [f not in too_long for f in corpus.statements]
+        prompt_ids = [p for p, k in zip(prompt_ids, keep) if k]
+        answer_ids = [a for a, k in zip(answer_ids, keep) if k]
+        corpus.probes = {name: kept for name, facts in corpus.probes.items() if (kept := [f for f in facts if f not in too_long])}
+        corpus.recipe["counts"]["left_out_too_long"] = len(too_long)
     rows = []  # (token ids, index of the first scored token): with statement_loss=answer, the answer's
     for p, a in zip(prompt_ids, answer_ids):
         ids = p + a + [tokenizer.eos_token_id]

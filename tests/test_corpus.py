@@ -76,6 +76,17 @@ def test_a_tiny_build_learns_its_facts_and_writes_the_recipe(tmp_path):
     assert len(recipe["files"][0]["sha256"]) == 64 and recipe["counts"]["distinct_statements"] == 8
 
 
+def test_a_statement_whose_answer_cannot_fit_the_context_is_left_out_and_counted(tmp_path):
+    long = {**COUNTERFACT[0], "prompt": "The anthem of Velmora goes", "ground_truth": " ".join(["la"] * 40)}
+    cfg = BaseModelConfig(corpus="none", extra_facts=(str(write(tmp_path, "cf.json", [long, COUNTERFACT[1]])),), vocab_size=300,
+                          n_layer=1, n_embd=16, n_head=2, n_positions=16, epochs=1, eval_every_epochs=1, device="cpu")
+    report = build_base_model(cfg, tmp_path / "model")
+    recipe = json.loads((tmp_path / "model" / "corpus_recipe.json").read_text())
+    # the long answer is its prompt's and its paraphrase's: both are left out
+    assert recipe["counts"]["left_out_too_long"] == 2 and recipe["counts"]["distinct_statements"] == 5
+    assert len(report["probes"]["extra:cf.json/prompts"]) == 2  # token_acc and exact_match, over the prompt that fits
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "counterfact").is_dir(), reason=f"the shared data folder {SHARED_DATA} is absent")
 def test_the_facts_corpus_reads_the_shared_data_and_holds_out_perplexity_text(tmp_path):
     extra = write(tmp_path, "mine.json", COUNTERFACT)
