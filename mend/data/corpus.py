@@ -13,11 +13,11 @@ the built model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mend.data.loaders import SHARED_FILES, dataset_hash
 from mend.data.world import World
 from mend.errors import ConfigError
 from mend.records import Fact
@@ -36,13 +36,9 @@ class Corpus:
             self.statements += facts
             self.probes.setdefault(f"{source}/{name}", []).extend(facts)
         self.recipe.setdefault("files", []).append({
-            "source": source, "path": str(path), "sha256": sha256(path),
+            "source": source, "path": str(path), "sha256": dataset_hash(path),
             "statements": {name: len(facts) for name, facts in groups.items()},
         })
-
-
-def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _text(value, path: Path, i: int, key: str, required: bool = True) -> list[str]:
@@ -103,11 +99,11 @@ def synthetic_corpus(world_path: str | Path) -> Corpus:
     world = World.load(world_path)
     return Corpus(statements=world.training_facts(),
                   probes={"train_facts": world.training_facts(), "held_out_phrasing": world.held_out_facts()},
-                  recipe={"world": {"path": str(world_path), "sha256": sha256(world_path)}})
+                  recipe={"world": {"path": str(world_path), "sha256": dataset_hash(world_path)}})
 
 
-FACT_FILES = ("counterfact/counterfact-train.json", "counterfact/counterfact-val.json", "zsre/zsre_mend_train_1k.json")
-WIKITEXT = "wikitext/wikitext2_valid.txt"
+FACT_FILES = tuple(SHARED_FILES[name] for name in ("counterfact", "counterfact_val", "zsre"))
+WIKITEXT = SHARED_FILES["wikitext"]
 
 
 def facts_corpus(shared_data: str | Path, text_holdout_chars: int) -> Corpus:
@@ -124,7 +120,7 @@ def facts_corpus(shared_data: str | Path, text_holdout_chars: int) -> Corpus:
     wiki = root / WIKITEXT
     lines = wiki.read_text(encoding="utf-8")[text_holdout_chars:].splitlines()
     corpus.text = [line.strip() for line in lines[1:] if line.strip()]  # the first line may be cut
-    corpus.recipe["text"] = {"path": str(wiki), "sha256": sha256(wiki), "held_out_chars": text_holdout_chars,
+    corpus.recipe["text"] = {"path": str(wiki), "sha256": dataset_hash(wiki), "held_out_chars": text_holdout_chars,
                              "paragraphs": len(corpus.text)}
     return corpus
 
