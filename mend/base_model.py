@@ -88,7 +88,7 @@ Row = tuple[list[int], int]  # token ids, index of the first token with a loss
 
 
 def _epoch_batches(statements: list[Row], chunks: list[Row], cfg: BaseModelConfig, epoch: int, rng: random.Random) -> list[list[Row]]:
-    """One epoch's batches: every statement once, in random order (or, with `bucket_by_length`, in
+    """One epoch's batches (`chunks` is empty unless text_chunks_per_epoch > 0): every statement once, in random order (or, with `bucket_by_length`, in
     batches of similar length), and the epoch's share of running-text chunks in batches of their
     own, interleaved at random."""
     order = list(range(len(statements)))
@@ -97,11 +97,11 @@ def _epoch_batches(statements: list[Row], chunks: list[Row], cfg: BaseModelConfi
         window = 50 * cfg.batch_size
         order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda i: len(statements[i][0]))]
     batches = [[statements[i] for i in order[b : b + cfg.batch_size]] for b in range(0, len(order), cfg.batch_size)]
-    if chunks and cfg.text_chunks_per_epoch:
+    if chunks:
         n = cfg.text_chunks_per_epoch
         share = [chunks[(epoch * n + j) % len(chunks)] for j in range(n)]
         batches += [share[b : b + cfg.batch_size] for b in range(0, n, cfg.batch_size)]
-    if cfg.bucket_by_length or (chunks and cfg.text_chunks_per_epoch):
+    if cfg.bucket_by_length or chunks:
         rng.shuffle(batches)
     return batches
 
@@ -139,19 +139,18 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict:
         pad_token_id=tokenizer.eos_token_id,
     )).to(device)
     prompt_ids, answer_ids = tokenize_pairs(tokenizer, [f.prompt for f in corpus.statements], [f.answer for f in corpus.statements])
-    too_long = {f for f, a in zip(corpus.statements, answer_ids) if len(a) >= cfg.n_positions - 1}
-    if too_long:  # an answer must fit in the context after at least one prompt token
-        log.warning("%d statement(s) whose answer alone is %d+ tokens are left out of the corpus", len(too_long), cfg.n_positions - 1)
-        keep = [f not in too_long for f in corpus.statements]
-        prompt_ids = [p for p, k in zip(prompt_ids, keep) if k]
-        answer_ids = [a for a, k in zip(answer_ids, keep) if k]
-        corpus.probes = {name: kept for name, facts in corpus.probes.items() if (kept := [f for f in facts if f not in too_long])}
-        corpus.recipe["counts"]["left_out_too_long"] = len(too_long)
-    rows = []  # (token ids, index of the first scored token): with statement_loss=answer, the answer's
-    for p, a in zip(prompt_ids, answer_ids):
+    rows, too_long = [], set()  # rows: (token ids, index of the first scored token: with statement_loss=answer, the answer's)
+    for f, p, a in zip(corpus.statements, prompt_ids, answer_ids):
+        if len(a) >= cfg.n_positions - 1:  # an answer must fit in the context after at least one prompt token
+            too_long.add(f)
+            continue
         ids = p + a + [tokenizer.eos_token_id]
         cut = max(0, len(ids) - cfg.n_positions)  # an overlong statement loses prompt tokens from the left
         rows.append((ids[cut:], len(p) - cut if cfg.statement_loss == "answer" else 0))
+    if too_long:
+        log.warning("%d statement(s) whose answer alone is %d+ tokens are left out of the corpus", len(too_long), cfg.n_positions - 1)
+        corpus.probes = {name: kept for name, facts in corpus.probes.items() if (kept := [f for f in facts if f not in too_long])}
+        corpus.recipe["counts"]["left_out_too_long"] = len(too_long)
     samples = {name: rng.sample(facts, min(cfg.eval_facts, len(facts))) for name, facts in corpus.probes.items()}
     chunks = [(c, 0) for c in _text_chunks(tokenizer, corpus.text, cfg.text_chunk, rng)] if cfg.text_chunks_per_epoch else []
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size) + (math.ceil(cfg.text_chunks_per_epoch / cfg.batch_size) if chunks else 0)

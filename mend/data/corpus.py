@@ -43,17 +43,18 @@ class Corpus:
 
 def _text(value, path: Path, i: int, key: str, required: bool = True) -> list[str]:
     """A record field that is a string or a list of strings, as a list of non-empty strings."""
-    if value is None:
-        if required:
-            raise ConfigError(f"{path} record {i}: {key!r} is missing or empty")
-        return []
-    values = [value] if isinstance(value, str) else value
+    values = [] if value is None else [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise ConfigError(f"{path} record {i}: {key!r} should be a string or a list of strings, not {value!r}")
     values = [v.strip() for v in values if v.strip()]
     if required and not values:
         raise ConfigError(f"{path} record {i}: {key!r} is missing or empty")
     return values
+
+
+# each format's fields: prompt, its true answer(s), paraphrase(s), locality prompt(s), their answers
+FIELDS = {"counterfact": ("prompt", "ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth"),
+          "zsre": ("src", "answers", "rephrase", "loc", "loc_ans")}
 
 
 def read_fact_file(path: str | Path) -> tuple[str, dict[str, list[Fact]]]:
@@ -73,20 +74,15 @@ def read_fact_file(path: str | Path) -> tuple[str, dict[str, list[Fact]]]:
     if not isinstance(data[0], dict) or not ({"src", "prompt"} & set(data[0])):
         raise ConfigError(f"{path} record 0 has neither 'prompt' (CounterFact) nor 'src' (zsRE): unknown format")
     fmt = "zsre" if "src" in data[0] else "counterfact"
+    prompt_key, answer_key, rephrase_key, loc_key, loc_ans_key = FIELDS[fmt]
     groups: dict[str, list[Fact]] = {"prompts": [], "paraphrases": [], "locality": []}
     for i, d in enumerate(data):
         if not isinstance(d, dict):
             raise ConfigError(f"{path} record {i} is not a JSON object")
-        if fmt == "counterfact":
-            prompt, answer = _text(d.get("prompt"), path, i, "prompt"), _text(d.get("ground_truth"), path, i, "ground_truth")
-            rephrase = _text(d.get("rephrase_prompt"), path, i, "rephrase_prompt", required=False)
-            loc = _text(d.get("locality_prompt"), path, i, "locality_prompt", required=False)
-            loc_ans = _text(d.get("locality_ground_truth"), path, i, "locality_ground_truth", required=bool(loc))
-        else:
-            prompt, answer = _text(d.get("src"), path, i, "src"), _text(d.get("answers"), path, i, "answers")
-            rephrase = _text(d.get("rephrase"), path, i, "rephrase", required=False)
-            loc = _text(d.get("loc"), path, i, "loc", required=False)
-            loc_ans = _text(d.get("loc_ans"), path, i, "loc_ans", required=bool(loc))
+        prompt, answer = _text(d.get(prompt_key), path, i, prompt_key), _text(d.get(answer_key), path, i, answer_key)
+        rephrase = _text(d.get(rephrase_key), path, i, rephrase_key, required=False)
+        loc = _text(d.get(loc_key), path, i, loc_key, required=False)
+        loc_ans = _text(d.get(loc_ans_key), path, i, loc_ans_key, required=bool(loc))
         if len(loc) != len(loc_ans):
             raise ConfigError(f"{path} record {i}: {len(loc)} locality prompts but {len(loc_ans)} answers")
         groups["prompts"] += [Fact(p, answer[0]) for p in prompt]
@@ -97,8 +93,8 @@ def read_fact_file(path: str | Path) -> tuple[str, dict[str, list[Fact]]]:
 
 def synthetic_corpus(world_path: str | Path) -> Corpus:
     world = World.load(world_path)
-    return Corpus(statements=world.training_facts(),
-                  probes={"train_facts": world.training_facts(), "held_out_phrasing": world.held_out_facts()},
+    facts = world.training_facts()
+    return Corpus(statements=facts, probes={"train_facts": facts, "held_out_phrasing": world.held_out_facts()},
                   recipe={"world": {"path": str(world_path), "sha256": dataset_hash(world_path)}})
 
 
