@@ -152,6 +152,9 @@ class EditService:
                     raise InvalidEditError(f"edit {i}: {len(extra)} {label}; the limit is {lim.max_extra_prompts}")
                 if any(not p.strip() or len(p) > lim.max_prompt_chars for p in extra):
                     raise InvalidEditError(f"edit {i}: {label} must be non-empty and at most {lim.max_prompt_chars} characters")
+            if any(not a.strip() or len(a) > lim.max_target_chars for a in r.locality_ground_truth):
+                raise InvalidEditError(f"edit {i}: locality answers must be non-empty and at most {lim.max_target_chars} characters "
+                                       "(or give none: the model's own continuations are used)")
 
     def _measured(self, record: EditRecord) -> EditRecord:
         """The record as measured: server-held locality prompts when it brings none; the model's own
@@ -286,6 +289,8 @@ class EditService:
         return self.journal.get(edit_id)
 
     def list(self, active_only: bool = False, after_seq: int = 0, limit: int = 1000) -> list[JournalEdit]:
+        if not 0 <= after_seq < 2**63:
+            raise InvalidEditError(f"after_seq {after_seq} is out of range: give 0 or the last seq of the previous page")
         return self.journal.edits(active_only=active_only, after_seq=after_seq, limit=limit)
 
     # ------------------------------------------------------------------ reads of the current model
