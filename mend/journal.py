@@ -3,7 +3,8 @@
 Tables
 - `meta`: the base model's hash the journal belongs to.
 - `revisions`: one row per state change (revision 0 is the base model, never stored): an `apply`
-  of one or more edits, a `rollback` of one edit, or a `rollback_to` an earlier revision.
+  of one or more edits, a `rollback` of one edit, or a `rollback_to` an earlier revision, with its
+  `author` (the name of the caller's token; "anonymous" when auth is off).
   `request_id` (unique) makes applies idempotent; `fingerprint` detects a reused id.
 - `edits`: one immutable row per edit, in application order (`seq`), pointing to its file of keys
   and values per layer (`mend.aggregation`), with the edit's own `request_id` (unique when given;
@@ -35,13 +36,13 @@ from mend.aggregation import KeyValues
 from mend.errors import EditNotFoundError, StateConflictError
 from mend.records import EditRecord
 
-FORMAT = "2"  # 2: per-edit keys and values, combined by least squares (1: summed rank-1 factors)
+FORMAT = "3"  # 3: revisions record their author (2: without; upgraded in place); 1: summed rank-1 factors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS revisions (
     revision INTEGER PRIMARY KEY, kind TEXT NOT NULL, request_id TEXT UNIQUE, fingerprint TEXT,
-    created REAL NOT NULL);
+    created REAL NOT NULL, author TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS edits (
     seq INTEGER PRIMARY KEY, edit_id TEXT UNIQUE NOT NULL, revision INTEGER NOT NULL,
     record TEXT NOT NULL, pre TEXT NOT NULL, post TEXT NOT NULL, factors_file TEXT NOT NULL,
@@ -84,6 +85,8 @@ class JournalEdit:
     editor_hash: str
     request_id: str  # the edit's own idempotency key ("" when none)
     created: float
+    applied_by: str = ""  # who applied it: the name of the caller's token ("" in journals older than format 3)
+    rolled_back_by: str = ""  # who rolled it back, when it is rolled back
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,6 +109,11 @@ class EditJournal:
         self._db.executescript(SCHEMA)
         fmt = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
         row = self._db.execute("SELECT value FROM meta WHERE key='base_model_hash'").fetchone()
+        if row is not None and fmt is not None and fmt[0] == "2":  # add the author column; old writes have none
+            if "author" not in {c[1] for c in self._db.execute("PRAGMA table_info(revisions)")}:
+                self._db.execute("ALTER TABLE revisions ADD COLUMN author TEXT NOT NULL DEFAULT ''")
+            self._db.execute("UPDATE meta SET value=? WHERE key='format'", (FORMAT,))
+            fmt = (FORMAT,)
         if row is not None and (fmt is None or fmt[0] != FORMAT):
             self._db.close()
             raise StateConflictError(f"the journal at {self.dir} was written by an older version (format {fmt[0] if fmt else 1}, "
@@ -199,14 +207,16 @@ class EditJournal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT e.seq, e.edit_id, e.revision, e.record, e.pre, e.post, e.editor_hash, e.request_id, r.created, "
-                "v.active, v.revision, (SELECT edit_id FROM edits s WHERE s.seq=v.superseded_by) "
+                "v.active, v.revision, (SELECT edit_id FROM edits s WHERE s.seq=v.superseded_by), r.author, l.author "
                 "FROM edits e JOIN revisions r ON r.revision=e.revision "
                 "JOIN events v ON v.seq=e.seq AND v.revision=(SELECT MAX(revision) FROM events w WHERE w.seq=e.seq) "
+                "JOIN revisions l ON l.revision=v.revision "
                 f"{where}", args).fetchall()
         return [
             JournalEdit(seq, edit_id, rev, EditRecord.from_dict(json.loads(rec)), json.loads(pre), json.loads(post),
-                        bool(active), None if active or by else last, by or "", editor_hash, request_id or "", created)
-            for seq, edit_id, rev, rec, pre, post, editor_hash, request_id, created, active, last, by in rows
+                        bool(active), None if active or by else last, by or "", editor_hash, request_id or "", created,
+                        applied_by, "" if active or by else last_by)
+            for seq, edit_id, rev, rec, pre, post, editor_hash, request_id, created, active, last, by, applied_by, last_by in rows
         ]
 
     def load_key_values(self, seq: int) -> KeyValues:
@@ -223,7 +233,7 @@ class EditJournal:
     def append_edits(self, records: list[EditRecord], key_values: list[KeyValues], pre: list[dict], post: list[dict],
                      editor_hash: str, request_id: str = "", fingerprint: str = "",
                      edit_request_ids: list[str] | None = None,
-                     states: dict[int, EditState] | None = None) -> tuple[int, list[JournalEdit]]:
+                     states: dict[int, EditState] | None = None, author: str = "anonymous") -> tuple[int, list[JournalEdit]]:
         """Persist one apply of `records` as a new revision; returns (revision, the new edits). The new
         edits get the sequence numbers from `next_seq()` on; `states` gives their states and any
         older edit's new state (superseded), all active by default."""
@@ -246,7 +256,8 @@ class EditJournal:
             created = time.time()
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT INTO revisions VALUES (?, 'apply', ?, ?, ?)", (revision, request_id or None, fingerprint, created))
+                self._db.execute("INSERT INTO revisions VALUES (?, 'apply', ?, ?, ?, ?)",
+                                 (revision, request_id or None, fingerprint, created, author))
                 for seq, rec, name, p, q, key in zip(seqs, records, files, pre, post, keys):
                     self._db.execute("INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (
                         seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), name,
@@ -264,13 +275,13 @@ class EditJournal:
         self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
                              [(revision, s, int(st.active), st.superseded_by) for s, st in sorted(states.items())])
 
-    def append_states(self, kind: str, states: dict[int, EditState]) -> int:
+    def append_states(self, kind: str, states: dict[int, EditState], author: str = "anonymous") -> int:
         """A rollback (`kind` rollback or rollback_to): a new revision with these edits' new states."""
         with self._lock:
             revision = self._last_revision() + 1
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT INTO revisions VALUES (?, ?, NULL, '', ?)", (revision, kind, time.time()))
+                self._db.execute("INSERT INTO revisions VALUES (?, ?, NULL, '', ?, ?)", (revision, kind, time.time(), author))
                 self._insert_events(revision, states)
                 self._db.execute("COMMIT")
             except BaseException:

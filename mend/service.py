@@ -63,8 +63,8 @@ class ServiceLimits:
 
 @dataclass(frozen=True)
 class ApplyResult:
-    revision: int
-    edits: list[JournalEdit]
+    revision: int  # the new revision (a dry run: the current one)
+    edits: list[JournalEdit]  # a dry run: not in the journal (no seq, no edit id)
     replayed: bool  # True when a repeated request_id returned the original result
 
 
@@ -171,23 +171,24 @@ class EditService:
         return dataclasses.replace(record, locality_ground_truth=texts)
 
     def apply(self, records: list[EditRecord], request_id: str = "", deadline: float | None = None,
-              edit_request_ids: list[str] | None = None) -> ApplyResult:
-        """Apply `records` as one revision. A repeated `request_id` returns the original result.
-        `edit_request_ids` are per-edit keys (a single edit's key is `request_id`): an edit whose key
-        is already in the journal is refused. `deadline` is a time.monotonic() value: past it,
-        nothing is written and DeadlineExceededError is raised."""
+              edit_request_ids: list[str] | None = None, author: str = "anonymous", dry_run: bool = False) -> ApplyResult:
+        """Apply `records` as one revision, journaled as written by `author`. A repeated `request_id`
+        returns the original result. `edit_request_ids` are per-edit keys (a single edit's key is
+        `request_id`): an edit whose key is already in the journal is refused. `deadline` is a
+        time.monotonic() value: past it, nothing is written and DeadlineExceededError is raised.
+        `dry_run`: the same computation and metrics, nothing written (request ids are not looked at)."""
         keys = list(edit_request_ids or ([request_id] if len(records) == 1 else [""] * len(records)))
         self._validate(records, request_id)
         if len(keys) != len(records) or any(len(k) > 128 for k in keys) or len({k for k in keys if k}) != len([k for k in keys if k]):
             raise InvalidEditError("give one distinct request_id (at most 128 characters) per edit, or none")
         fingerprint = _fingerprint(records, keys)
         with self.state.lock.write():
-            if request_id and (found := self.journal.find_request(request_id)) is not None:
+            if not dry_run and request_id and (found := self.journal.find_request(request_id)) is not None:
                 revision, stored = found
                 if stored != fingerprint:
                     raise StateConflictError(f"request_id {request_id!r} was already used for a different request (revision {revision})")
                 return ApplyResult(revision, self.journal.edits(revision=revision), replayed=True)
-            if done := self.journal.existing_edit_ids(keys):
+            if not dry_run and (done := self.journal.existing_edit_ids(keys)):
                 raise StateConflictError(f"edit request_id(s) already applied: {done}; give a new request_id to apply again")
             if self.method is None:
                 raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
@@ -201,18 +202,25 @@ class EditService:
             first = self.journal.next_seq()
             new = dict(zip(range(first, first + len(records)), kvs))
             self._facts.update(zip(new, (r.fact_keys() for r in records)))
+            journaled = False
             try:
                 states, change = self._transition(set(self._states) | set(new), new)
                 weights = self.state.weights(change)
                 post = measure(self.model, self.tokenizer, measured, weights, reference)
+                if dry_run:
+                    now = time.time()
+                    return ApplyResult(self.revision, [
+                        JournalEdit(0, "", self.revision, r, _clean(b), _clean(a), False, None, "", self.info.get("editor_hash", ""),
+                                    k, now, author) for r, b, a, k in zip(records, pre, post, keys)], replayed=False)
                 self._check_deadline(deadline)
                 revision, edits = self.journal.append_edits(
                     records, kvs, [_clean(m) for m in pre], [_clean(m) for m in post],
-                    self.info.get("editor_hash", ""), request_id, fingerprint, keys, states)
-            except BaseException:
-                for s in new:
-                    del self._facts[s]
-                raise
+                    self.info.get("editor_hash", ""), request_id, fingerprint, keys, states, author)
+                journaled = True
+            finally:
+                if not journaled:  # a dry run, or a failure: the new edits' fact keys go again
+                    for s in new:
+                        del self._facts[s]
             self._commit(states, change, weights)
             self.revision = revision
         return ApplyResult(revision, edits, replayed=False)
@@ -253,18 +261,18 @@ class EditService:
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceededError("the deadline passed before the edit could be applied; nothing was changed")
 
-    def rollback_edit(self, edit_id: str) -> int:
+    def rollback_edit(self, edit_id: str, author: str = "anonymous") -> int:
         """Roll back an active or superseded edit; what it superseded comes back."""
         with self.state.lock.write():
             edit = self.journal.get(edit_id)
             if edit.seq not in self._states:
                 raise StateConflictError(f"edit {edit_id} was already rolled back (revision {edit.rolled_back_at})")
             states, change = self._transition(set(self._states) - {edit.seq})
-            self.revision = self.journal.append_states("rollback", states)
+            self.revision = self.journal.append_states("rollback", states, author)
             self._commit(states, change)
             return self.revision
 
-    def rollback_to(self, revision: int) -> tuple[int, int]:
+    def rollback_to(self, revision: int, author: str = "anonymous") -> tuple[int, int]:
         """Restore the edits live at `revision` (0 = the base model): (new revision, edits changed)."""
         if revision < 0:
             raise InvalidEditError(f"revision {revision} is negative; 0 is the base model")
@@ -277,7 +285,7 @@ class EditService:
             states, change = self._transition(live)
             if not states:
                 return self.revision, 0
-            self.revision = self.journal.append_states("rollback_to", states)
+            self.revision = self.journal.append_states("rollback_to", states, author)
             self._commit(states, change)
             return self.revision, len(states)
 

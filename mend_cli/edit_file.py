@@ -10,7 +10,8 @@ skips keys already applied); a line without one gets `auto-<hash of its content>
 
 Targets: `--server ADDR` sends chunks of `--batch-size` edits with ApplyEdits; without it the file
 is applied in this process to `paths.base_model` with `paths.editor`, and the edited model is
-written with save_pretrained to `--out` together with its journal (`--out/journal`).
+written with save_pretrained to `--out` together with its journal (`--out/journal`). `--dry-run`
+previews: each chunk's metrics before and after, as it would be applied, with nothing written.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from mend.records import EditRecord
 METRICS = ("reliability_em", "generality_em", "locality_em")
 
 
-def _state(active: bool, superseded_by: str) -> str:
-    return "active" if active else f"superseded by {superseded_by}" if superseded_by else "rolled back"
+def _state(active: bool, superseded_by: str, rolled_back_by: str) -> str:
+    return "active" if active else f"superseded by {superseded_by}" if superseded_by else f"rolled back by {rolled_back_by or '?'}"
 
 
 @dataclass
@@ -76,10 +77,10 @@ class ServerTarget:
     def done(self) -> dict[str, str]:
         return {e.request_id: e.edit_id for e in self.client.edits() if e.request_id}
 
-    def apply(self, records, keys, call_id) -> tuple[int, list[dict]]:
+    def apply(self, records, keys, call_id, dry_run=False) -> tuple[int, list[dict]]:
         from google.protobuf.json_format import MessageToDict
 
-        reply = self.client.apply_batch(records, request_id=call_id, edit_request_ids=keys)
+        reply = self.client.apply_batch(records, request_id=call_id, edit_request_ids=keys, dry_run=dry_run)
         return reply.model_revision, [{"edit_id": e.edit_id, "before": MessageToDict(e.before, preserving_proto_field_name=True),
                                        "after": MessageToDict(e.after, preserving_proto_field_name=True)} for e in reply.edits]
 
@@ -87,44 +88,45 @@ class ServerTarget:
         return self.client.rollback(edit_id) if edit_id else self.client.rollback_to(revision).model_revision
 
     def list(self, active_only: bool) -> list[tuple]:
-        return [(e.edit_id, e.revision, _state(e.active, e.superseded_by), e.request_id, e.spec.prompt, e.spec.target_new)
-                for e in self.client.edits(active_only)]
+        return [(e.edit_id, e.revision, e.applied_by, _state(e.active, e.superseded_by, e.rolled_back_by), e.request_id,
+                 e.spec.prompt, e.spec.target_new) for e in self.client.edits(active_only)]
 
     def close(self) -> None:
         self.client.close()
 
 
 class LocalTarget:
-    def __init__(self, cfg, out: Path):
+    def __init__(self, cfg, out: Path, dry_run: bool = False):
         from mend_cli.serve import open_service
         from omegaconf import OmegaConf
 
-        self.out = out
+        self.out, self.dry_run = out, dry_run
         self.service = open_service(OmegaConf.merge(cfg, {"paths": {"journal": str(out / "journal")}}))
 
     def done(self) -> dict[str, str]:
         return {e.request_id: e.edit_id for e in self.service.list() if e.request_id}
 
-    def apply(self, records, keys, call_id) -> tuple[int, list[dict]]:
-        result = self.service.apply(records, call_id, edit_request_ids=keys)
+    def apply(self, records, keys, call_id, dry_run=False) -> tuple[int, list[dict]]:
+        result = self.service.apply(records, call_id, edit_request_ids=keys, author="local", dry_run=dry_run)
         return result.revision, [{"edit_id": e.edit_id, "before": e.pre, "after": e.post} for e in result.edits]
 
     def rollback(self, edit_id: str | None, revision: int | None) -> int:
-        return self.service.rollback_edit(edit_id) if edit_id else self.service.rollback_to(revision)[0]
+        return self.service.rollback_edit(edit_id, "local") if edit_id else self.service.rollback_to(revision, "local")[0]
 
     def list(self, active_only: bool) -> list[tuple]:
-        return [(e.edit_id, e.revision, _state(e.active, e.superseded_by), e.request_id, e.record.prompt, e.record.target_new)
-                for e in self.service.list(active_only)]
+        return [(e.edit_id, e.revision, e.applied_by, _state(e.active, e.superseded_by, e.rolled_back_by), e.request_id,
+                 e.record.prompt, e.record.target_new) for e in self.service.list(active_only)]
 
     def close(self) -> None:
-        """Write the edited model beside its journal, then close the journal."""
-        self.service.model.save_pretrained(self.out)
-        self.service.tokenizer.save_pretrained(self.out)
+        """Write the edited model beside its journal (not after a dry run), then close the journal."""
+        if not self.dry_run:
+            self.service.model.save_pretrained(self.out)
+            self.service.tokenizer.save_pretrained(self.out)
         self.service.close()
 
 
 def _target(args, cfg):
-    return ServerTarget(args.server, args.token) if args.server else LocalTarget(cfg, Path(args.out))
+    return ServerTarget(args.server, args.token) if args.server else LocalTarget(cfg, Path(args.out), getattr(args, "dry_run", False))
 
 
 def edit(args, cfg) -> int:
@@ -138,9 +140,6 @@ def edit(args, cfg) -> int:
     if errors and not args.continue_on_error:
         print(f"{len(errors)} invalid line(s): nothing applied (fix them, or pass --continue-on-error)", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(f"{path}: {len(lines)} valid edit(s), {len(errors)} invalid line(s); dry run, nothing applied")
-        return 1 if errors else 0
     results_path = Path(args.results or f"{path}.results.jsonl")
     results = [{"line": number, "status": "invalid", "error": message} for number, message in errors]
     target = _target(args, cfg)
@@ -158,8 +157,9 @@ def edit(args, cfg) -> int:
                     results += [{"line": ln.number, "request_id": ln.key, "status": "not-run"} for ln in chunk]
                     continue
                 try:
-                    revision, applied = target.apply([ln.record for ln in chunk], keys, call_id)
-                    results += [{"line": ln.number, "request_id": ln.key, "status": "applied", "revision": revision, **a}
+                    revision, applied = target.apply([ln.record for ln in chunk], keys, call_id, args.dry_run)
+                    status = "preview" if args.dry_run else "applied"
+                    results += [{"line": ln.number, "request_id": ln.key, "status": status, "revision": revision, **a}
                                 for ln, a in zip(chunk, applied)]
                 except Exception as e:  # grpc.RpcError or MendError: report it on every line of the chunk
                     message = e.details() if hasattr(e, "details") else str(e)
@@ -170,13 +170,14 @@ def edit(args, cfg) -> int:
         target.close()
     results.sort(key=lambda r: r["line"])
     results_path.write_text("".join(json.dumps(r) + "\n" for r in results))
-    print(summary(results) + f"\nresults -> {results_path}" + ("" if args.server else f"; edited model -> {args.out}"))
-    return 0 if all(r["status"] in ("applied", "skipped") for r in results) else 1
+    done = "dry run, nothing written" if args.dry_run else "" if args.server else f"edited model -> {args.out}"
+    print(summary(results) + f"\nresults -> {results_path}" + (f"; {done}" if done else ""))
+    return 0 if all(r["status"] in ("applied", "preview", "skipped") for r in results) else 1
 
 
 def summary(results: list[dict]) -> str:
-    counts = {s: sum(r["status"] == s for r in results) for s in ("applied", "skipped", "failed", "invalid", "not-run")}
-    applied = [r for r in results if r["status"] == "applied"]
+    counts = {s: sum(r["status"] == s for r in results) for s in ("applied", "preview", "skipped", "failed", "invalid", "not-run")}
+    applied = [r for r in results if r["status"] in ("applied", "preview")]
 
     def mean(key):
         values = [r["after"][key] for r in applied if r["after"].get(key) is not None and not math.isnan(r["after"][key])]
@@ -210,7 +211,7 @@ def list_edits(args, cfg) -> int:
             target.close()
         else:
             target.service.close()  # listing never rewrites the model
-    print("| edit | revision | state | request_id | prompt | target_new |\n|---|---|---|---|---|---|")
+    print("| edit | revision | applied by | state | request_id | prompt | target_new |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
     return 0
@@ -221,7 +222,7 @@ def run(command: str, argv: list[str], load_config) -> int:
     if command == "edit":
         parser.add_argument("file", help="JSONL edit file")
         parser.add_argument("--batch-size", type=int, default=1, help="edits per update (one ApplyEdits call)")
-        parser.add_argument("--dry-run", action="store_true", help="validate the file only")
+        parser.add_argument("--dry-run", action="store_true", help="preview: each edit's metrics before and after, nothing written")
         parser.add_argument("--resume", action="store_true", help="skip edits whose request_id is already in the journal")
         parser.add_argument("--continue-on-error", action="store_true", help="apply the valid lines even if some fail")
         parser.add_argument("--results", help="results JSONL (default FILE.results.jsonl)")

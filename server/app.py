@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from mend.errors import ConfigError
 from mend.service import EditService
 from server.api.mend.v1 import editing_pb2, editing_pb2_grpc
-from server.interceptor import ServiceInterceptor
+from server.interceptor import ServiceInterceptor, Token, load_tokens
 from server.servicer import EditServicer
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ class ServerConfig:
     max_concurrent: int = 16  # mend.v1 calls in progress at once; more get RESOURCE_EXHAUSTED
     max_message_mb: int = 16
     grace_s: float = 10.0  # how long in-flight calls may finish at shutdown
-    read_token: str = ""  # bearer token for queries; empty = queries are open
-    write_token: str = ""  # bearer token for edits and rollbacks (also allowed to query); empty = open
+    read_token: str = ""  # bearer token for queries, named "read_token"; empty = none
+    write_token: str = ""  # bearer token for edits and rollbacks (also queries), named "write_token"; empty = none
+    tokens_file: str = ""  # YAML/JSON list of named tokens {name, token, scope: read | write} (server.interceptor)
     tls_cert: str = ""  # PEM paths; both or neither
     tls_key: str = ""
     metrics_port: int = -1  # Prometheus /metrics over HTTP; -1 = off, 0 = any free port
@@ -52,6 +53,16 @@ class ServerConfig:
                 raise ConfigError(f"TLS file {path} does not exist")
         if self.max_concurrent < 1 or self.max_message_mb < 1 or not 0 <= self.port < 65536:
             raise ConfigError("server.max_concurrent and server.max_message_mb must be >= 1, server.port in 0..65535")
+        self.tokens()  # a bad tokens file fails at start, not at the first call
+
+    def tokens(self) -> list[Token]:
+        tokens = [Token(n, secret, scope) for n, secret, scope in
+                  (("read_token", self.read_token, "read"), ("write_token", self.write_token, "write")) if secret]
+        tokens += load_tokens(self.tokens_file) if self.tokens_file else []
+        names = [t.name for t in tokens]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two tokens are named alike ({names}): rename the tokens file's entries")
+        return tokens
 
 
 class ServerMetrics:
@@ -97,7 +108,7 @@ class MendServer:
         """Bind and start serving health at once; load the service in the background. Returns the port."""
         cfg = self.cfg
         size = cfg.max_message_mb * 1024 * 1024
-        self.interceptor = ServiceInterceptor(self.holder, cfg.read_token, cfg.write_token, cfg.max_concurrent)
+        self.interceptor = ServiceInterceptor(self.holder, cfg.tokens(), cfg.max_concurrent)
         self.grpc = grpc.server(
             ThreadPoolExecutor(max_workers=cfg.max_concurrent + 4, thread_name_prefix="mend-rpc"),
             interceptors=[self.interceptor],
@@ -160,7 +171,7 @@ def serve(cfg: ServerConfig, load_service: Callable[[], EditService]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.write_token and cfg.tls_cert):
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (any(t.scope == "write" for t in cfg.tokens()) and cfg.tls_cert):
         log.warning("serving on %s without a write token and TLS: anyone who can reach it can edit the model", cfg.host)
     port = server.start()
     scheme = "tls" if cfg.tls_cert else "insecure"

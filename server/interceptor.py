@@ -1,18 +1,27 @@
 """One interceptor around every mend.v1 call: request id, auth, readiness, concurrency limit,
 latency metrics, and the single place where domain errors become gRPC status codes.
 
+Auth: bearer tokens, each with a name and a scope (`read`: queries; `write`: also edits and
+rollbacks), from a tokens file (`load_tokens`) and/or the two config tokens. A kind of call with no
+token of its scope configured is open. The caller's token name (else "anonymous") is `CALLER` while
+the call runs; the journal records it as the author of every write.
+
 Health and reflection pass through untouched, so generic tools always work.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+import yaml
 
 from mend.errors import (CheckpointMismatchError, ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError,
                          MendError, NoEditorError, StateConflictError, TargetResolutionError)
@@ -21,6 +30,38 @@ log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/mend.v1.EditService/"
 WRITE_METHODS = {"ApplyEdit", "ApplyEdits", "RollbackEdit", "RollbackTo"}
+CALLER = contextvars.ContextVar("mend_caller", default="anonymous")  # the token name of the call being served
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    secret: str
+    scope: str  # read | write
+
+
+def load_tokens(path: str) -> list[Token]:
+    """A YAML (or JSON) list of {name, token, scope: read | write}; names and tokens must be unique."""
+    try:
+        entries = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"server.tokens_file {path}: cannot read it as YAML or JSON: {e}") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"server.tokens_file {path}: expected a non-empty list of {{name, token, scope}} entries")
+    tokens = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or set(e) != {"name", "token", "scope"}:
+            raise ConfigError(f"server.tokens_file {path} entry {i}: give exactly the keys name, token and scope")
+        name, secret, scope = (str(e[k]) if e[k] is not None else "" for k in ("name", "token", "scope"))
+        if not name.strip() or len(secret) < 16 or scope not in ("read", "write"):
+            raise ConfigError(f"server.tokens_file {path} entry {i} ({name!r}): the name must be non-empty, "
+                              "the token at least 16 characters, the scope read or write")
+        tokens.append(Token(name, secret, scope))
+    for field in ("name", "secret"):
+        values = [getattr(t, field) for t in tokens]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"server.tokens_file {path}: two entries share a {'token' if field == 'secret' else 'name'}")
+    return tokens
 
 STATUS_OF = {  # most specific class first; the first match along the exception's MRO wins
     InvalidEditError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -49,9 +90,9 @@ class Denied(Exception):
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
-    def __init__(self, holder, read_token: str = "", write_token: str = "", max_concurrent: int = 16):
+    def __init__(self, holder, tokens: list[Token] = (), max_concurrent: int = 16):
         self.holder = holder  # server.app.ServiceHolder: phase, service, metrics
-        self.read_token, self.write_token = read_token, write_token
+        self.tokens = list(tokens)
         self.max_concurrent = max_concurrent
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._count_lock = threading.Lock()
@@ -72,11 +113,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             start = time.perf_counter()
             code, message = grpc.StatusCode.OK, ""
             try:
-                self._admit(name, metadata)
+                caller = self._admit(name, metadata)
                 self._count(+1)
+                bound = CALLER.set(caller)
                 try:
                     return behaviour(request, context)
                 finally:
+                    CALLER.reset(bound)
                     self._count(-1)
                     self._slots.release()
             except Denied as e:
@@ -99,9 +142,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         with self._count_lock:
             self.in_flight += step
 
-    def _admit(self, name: str, metadata: dict) -> None:
-        """Raise Denied unless the caller may run `name` now; on success one slot is held."""
-        self._authorize(name, metadata.get("authorization", ""))
+    def _admit(self, name: str, metadata: dict) -> str:
+        """The caller's name; raise Denied unless it may run `name` now. On success one slot is held."""
+        caller = self._authorize(name, metadata.get("authorization", ""))
         phase = self.holder.phase
         if phase != "serving":
             raise Denied(grpc.StatusCode.UNAVAILABLE, f"the server is {phase}; retry shortly" if phase == "starting"
@@ -109,17 +152,20 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         if not self._slots.acquire(blocking=False):
             raise Denied(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"the server is already handling {self.max_concurrent} requests; retry with backoff")
+        return caller
 
-    def _authorize(self, name: str, header: str) -> None:
-        token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+    def _authorize(self, name: str, header: str) -> str:
+        """The name of the caller's token ("anonymous" without one, where the call is open)."""
+        presented = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+        token = next((t for t in self.tokens if presented and hmac.compare_digest(presented, t.secret)), None)
         is_write = name in WRITE_METHODS
-        needed = [self.write_token] if is_write else [self.read_token, self.write_token]
-        if not (self.write_token if is_write else self.read_token):
-            return  # this kind of call is open: no token configured for it
-        if any(t and hmac.compare_digest(token, t) for t in needed):
-            return
-        if not token:
+        if not any(t.scope == ("write" if is_write else "read") for t in self.tokens):
+            return token.name if token else "anonymous"  # this kind of call is open: no token of its scope configured
+        if token is not None and (token.scope == "write" or not is_write):
+            return token.name
+        if token is not None:
+            raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"{name} changes the model and needs a write token; "
+                                                            f"token {token.name!r} has the read scope")
+        if not presented:
             raise Denied(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send metadata 'authorization: Bearer <token>'")
-        if is_write and self.read_token and hmac.compare_digest(token, self.read_token):
-            raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"{name} changes the model and needs the write token; this is the read token")
         raise Denied(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")

@@ -11,6 +11,7 @@ import time
 
 from mend.journal import JournalEdit
 from mend.records import EditRecord
+from server.interceptor import CALLER
 from server.api.mend.v1 import editing_pb2 as pb
 from server.api.mend.v1 import editing_pb2_grpc as pb_grpc
 
@@ -40,7 +41,7 @@ def edit_message(e: JournalEdit) -> pb.Edit:
         edit_id=e.edit_id, seq=e.seq, revision=e.revision, spec=spec_from_record(e.record),
         before=metrics_message(e.pre), after=metrics_message(e.post), active=e.active,
         rolled_back_at_revision=e.rolled_back_at or 0, request_id=e.request_id, created_unix=e.created,
-        editor_hash=e.editor_hash, superseded_by=e.superseded_by,
+        editor_hash=e.editor_hash, superseded_by=e.superseded_by, applied_by=e.applied_by, rolled_back_by=e.rolled_back_by,
     )
 
 
@@ -58,26 +59,28 @@ class EditServicer(pb_grpc.EditServiceServicer):
         return self.holder.service
 
     def ApplyEdit(self, request, context):
-        result = self.service.apply([record_from_spec(request.edit)], request.request_id, _deadline(context))
+        result = self.service.apply([record_from_spec(request.edit)], request.request_id, _deadline(context),
+                                    author=CALLER.get(), dry_run=request.dry_run)
         (edit,) = result.edits
-        self.holder.metrics.count_edits(0 if result.replayed else 1)
+        self.holder.metrics.count_edits(0 if result.replayed or request.dry_run else 1)
         return pb.ApplyEditResponse(edit_id=edit.edit_id, model_revision=result.revision, before=metrics_message(edit.pre),
                                     after=metrics_message(edit.post), replayed=result.replayed)
 
     def ApplyEdits(self, request, context):
         result = self.service.apply([record_from_spec(s) for s in request.edits], request.request_id, _deadline(context),
-                                    edit_request_ids=[s.request_id for s in request.edits])
-        self.holder.metrics.count_edits(0 if result.replayed else len(result.edits))
+                                    edit_request_ids=[s.request_id for s in request.edits], author=CALLER.get(),
+                                    dry_run=request.dry_run)
+        self.holder.metrics.count_edits(0 if result.replayed or request.dry_run else len(result.edits))
         return pb.ApplyEditsResponse(edits=[edit_message(e) for e in result.edits], model_revision=result.revision,
                                      replayed=result.replayed)
 
     def RollbackEdit(self, request, context):
-        revision = self.service.rollback_edit(request.edit_id)
+        revision = self.service.rollback_edit(request.edit_id, CALLER.get())
         self.holder.metrics.rollbacks.inc()
         return pb.RollbackEditResponse(model_revision=revision)
 
     def RollbackTo(self, request, context):
-        revision, changed = self.service.rollback_to(request.revision)
+        revision, changed = self.service.rollback_to(request.revision, CALLER.get())
         if changed:
             self.holder.metrics.rollbacks.inc()
         return pb.RollbackToResponse(model_revision=revision, edits_changed=changed)

@@ -49,7 +49,7 @@ def test_local_apply_resume_rollback_and_list(tmp_path, world, common, capsys):
     first = results(tmp_path / "edits.jsonl.results.jsonl")
     assert [(r["status"], r["edit_id"], r["revision"]) for r in first] == [("applied", "edit-000001", 1), ("applied", "edit-000002", 1), ("applied", "edit-000003", 2)]
     assert set(first[0]["after"]) >= {"reliability_em", "generality_em", "locality_em"}
-    assert "| applied | skipped |" in capsys.readouterr().out
+    assert "| applied | preview | skipped |" in capsys.readouterr().out
 
     write_edits(edits, world, 4)  # one more line appended
     assert main(["edit", str(edits), "--out", str(out), "--resume", *common]) == 0
@@ -64,7 +64,19 @@ def test_local_apply_resume_rollback_and_list(tmp_path, world, common, capsys):
     capsys.readouterr()
     assert main(["edits", "--out", str(out), *common]) == 0
     listing = capsys.readouterr().out
-    assert "| edit-000004 | 3 | rolled back | r3 |" in listing
+    assert "| edit-000004 | 3 | local | rolled back by local | r3 |" in listing
+
+
+def test_dry_run_previews_the_metrics_and_writes_nothing(tmp_path, world, common, capsys):
+    edits = write_edits(tmp_path / "edits.jsonl", world, 2)
+    out = tmp_path / "edited"
+    assert main(["edit", str(edits), "--out", str(out), "--dry-run", *common]) == 0
+    preview = results(tmp_path / "edits.jsonl.results.jsonl")
+    assert [r["status"] for r in preview] == ["preview", "preview"] and "nothing written" in capsys.readouterr().out
+    assert not (out / "model.safetensors").exists()
+    assert main(["edit", str(edits), "--out", str(out), *common]) == 0
+    applied = results(tmp_path / "edits.jsonl.results.jsonl")
+    assert [r["after"] for r in applied] == [r["after"] for r in preview] and applied[0]["revision"] == 1  # the preview wrote no revision
 
 
 def test_server_and_local_give_the_same_weights_for_the_same_file(tmp_path, world, common, trained_gpt2_dir, tiny_editor_dir, world_path):

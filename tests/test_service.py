@@ -257,3 +257,19 @@ def test_a_journal_of_the_older_summed_format_is_refused_with_what_to_do(open_se
         db.execute("DELETE FROM meta WHERE key='format'")  # as a journal written before the least-squares format
     with pytest.raises(StateConflictError, match="older version .* new journal directory"):
         open_service()
+
+
+def test_a_journal_of_format_2_is_upgraded_in_place_and_keeps_its_edits(open_service, records, tmp_path):
+    import sqlite3
+
+    service = open_service()
+    service.apply([records[0]], author="alice")
+    service.close()
+    with sqlite3.connect(tmp_path / "journal" / "journal.sqlite3") as db:  # as written before authors were recorded
+        db.execute("ALTER TABLE revisions DROP COLUMN author")
+        db.execute("UPDATE meta SET value='2' WHERE key='format'")
+    service = open_service()
+    (edit,) = service.list()
+    assert edit.active and edit.applied_by == "" and service.revision == 1
+    service.rollback_edit(edit.edit_id, "bob")
+    assert service.get(edit.edit_id).rolled_back_by == "bob"

@@ -47,7 +47,7 @@ class EditMetrics(_message.Message):
     def __init__(self, reliability_tf: _Optional[float] = ..., reliability_em: _Optional[float] = ..., generality_tf: _Optional[float] = ..., generality_em: _Optional[float] = ..., locality_tf: _Optional[float] = ..., locality_em: _Optional[float] = ...) -> None: ...
 
 class Edit(_message.Message):
-    __slots__ = ("edit_id", "seq", "revision", "spec", "before", "after", "active", "rolled_back_at_revision", "request_id", "created_unix", "editor_hash", "superseded_by")
+    __slots__ = ("edit_id", "seq", "revision", "spec", "before", "after", "active", "rolled_back_at_revision", "request_id", "created_unix", "editor_hash", "superseded_by", "applied_by", "rolled_back_by")
     EDIT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class Edit(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     EDITOR_HASH_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDED_BY_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_BY_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_BY_FIELD_NUMBER: _ClassVar[int]
     edit_id: str
     seq: int
     revision: int
@@ -72,15 +74,19 @@ class Edit(_message.Message):
     created_unix: float
     editor_hash: str
     superseded_by: str
-    def __init__(self, edit_id: _Optional[str] = ..., seq: _Optional[int] = ..., revision: _Optional[int] = ..., spec: _Optional[_Union[EditSpec, _Mapping]] = ..., before: _Optional[_Union[EditMetrics, _Mapping]] = ..., after: _Optional[_Union[EditMetrics, _Mapping]] = ..., active: _Optional[bool] = ..., rolled_back_at_revision: _Optional[int] = ..., request_id: _Optional[str] = ..., created_unix: _Optional[float] = ..., editor_hash: _Optional[str] = ..., superseded_by: _Optional[str] = ...) -> None: ...
+    applied_by: str
+    rolled_back_by: str
+    def __init__(self, edit_id: _Optional[str] = ..., seq: _Optional[int] = ..., revision: _Optional[int] = ..., spec: _Optional[_Union[EditSpec, _Mapping]] = ..., before: _Optional[_Union[EditMetrics, _Mapping]] = ..., after: _Optional[_Union[EditMetrics, _Mapping]] = ..., active: _Optional[bool] = ..., rolled_back_at_revision: _Optional[int] = ..., request_id: _Optional[str] = ..., created_unix: _Optional[float] = ..., editor_hash: _Optional[str] = ..., superseded_by: _Optional[str] = ..., applied_by: _Optional[str] = ..., rolled_back_by: _Optional[str] = ...) -> None: ...
 
 class ApplyEditRequest(_message.Message):
-    __slots__ = ("edit", "request_id")
+    __slots__ = ("edit", "request_id", "dry_run")
     EDIT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     edit: EditSpec
     request_id: str
-    def __init__(self, edit: _Optional[_Union[EditSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    dry_run: bool
+    def __init__(self, edit: _Optional[_Union[EditSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class ApplyEditResponse(_message.Message):
     __slots__ = ("edit_id", "model_revision", "before", "after", "replayed")
@@ -97,12 +103,14 @@ class ApplyEditResponse(_message.Message):
     def __init__(self, edit_id: _Optional[str] = ..., model_revision: _Optional[int] = ..., before: _Optional[_Union[EditMetrics, _Mapping]] = ..., after: _Optional[_Union[EditMetrics, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ApplyEditsRequest(_message.Message):
-    __slots__ = ("edits", "request_id")
+    __slots__ = ("edits", "request_id", "dry_run")
     EDITS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     edits: _containers.RepeatedCompositeFieldContainer[EditSpec]
     request_id: str
-    def __init__(self, edits: _Optional[_Iterable[_Union[EditSpec, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    dry_run: bool
+    def __init__(self, edits: _Optional[_Iterable[_Union[EditSpec, _Mapping]]] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class ApplyEditsResponse(_message.Message):
     __slots__ = ("edits", "model_revision", "replayed")
