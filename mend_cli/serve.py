@@ -74,9 +74,10 @@ def loadtest_cmd(cfg: DictConfig) -> None:
 
     from mend.benchmark import forward_backward_seconds
     from mend.data.world import World
-    from server.load_test import format_rows, run_load
+    from server.load_test import format_rows, memory_profile, run_load
 
-    records = World.load(cfg.paths.world).edit_split("test").records
+    world = World.load(cfg.paths.world)
+    records = world.edit_split("test").records
     with tempfile.TemporaryDirectory() as journal:
         server = _in_process_server(cfg, journal)
         try:
@@ -85,8 +86,12 @@ def loadtest_cmd(cfg: DictConfig) -> None:
             service = server.holder.service
             with service.state.lock.read():
                 fwd_bwd = statistics.median(forward_backward_seconds(service.model, service.tokenizer, r) for r in records[:21])
+            memory = memory_profile(address, records + world.edit_split("val").records, Path(journal), cfg.loadtest.memory_edits)
         finally:
             server.stop(2)
     print(format_rows(rows))
     print(f"forward+backward of the base model: {fwd_bwd * 1000:.1f} ms; ApplyEdit p50 with 1 client = "
           f"{rows[0]['p50_ms'] / (fwd_bwd * 1000):.1f}x (it also measures the edit before and after, and journals it)")
+    print("resident memory of the process holding the server (MiB), by active edits; journal on disk per edit:")
+    for m in memory:
+        print(f"  {m['active']:>5} active: {m['rss_mb']:7.1f} MiB" + (f", journal {m['journal_kb_per_edit']:.1f} KiB per edit" if m["active"] else ""))

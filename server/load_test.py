@@ -13,9 +13,11 @@ edits/s stays about flat in the number of clients while latency grows with the q
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 
@@ -62,6 +64,39 @@ def run_load(address: str, records: list[EditRecord], clients: int, requests: in
     return {"clients": clients, "edits": len(latencies) - refused, "refused": refused, "seconds": wall,
             "edits_per_s": (len(latencies) - refused) / wall,
             "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * _percentile(latencies, 0.99)}
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; elsewhere its peak, from getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def memory_profile(address: str, records: list[EditRecord], journal: Path, counts=(100, 1000), chunk: int = 100,
+                   token: str = "") -> list[dict]:
+    """Resident memory of this process, which holds the server, with 0 and then `counts` active edits
+    (distinct facts, applied with ApplyEdits of `chunk`), and what each edit adds to the journal on disk."""
+    if len(records) < max(counts):
+        raise ValueError(f"{max(counts)} active edits need as many distinct records, got {len(records)}")
+    gc.collect()
+    rows, applied, start_bytes = [{"active": 0, "rss_mb": resident_mb()}], 0, _bytes_under(journal)
+    with EditClient(address, token=token) as client:
+        for n in counts:
+            for i in range(applied, n, chunk):
+                client.apply_batch([EditRecord(prompt=r.prompt, target_new=r.target_new) for r in records[i : min(i + chunk, n)]])
+            applied = n
+            gc.collect()
+            rows.append({"active": n, "rss_mb": resident_mb(), "journal_kb_per_edit": (_bytes_under(journal) - start_bytes) / n / 1024})
+    return rows
 
 
 def format_rows(rows: list[dict]) -> str:
