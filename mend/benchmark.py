@@ -56,7 +56,8 @@ def _median_seconds(fn, records: list[EditRecord]) -> float:
 def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRecord], chunk: int = 100) -> dict:
     """The served edit with 0 and with len(active) active edits: `bare_edit_s` (keys and values on the
     base weights, the least-squares change of every layer and the new weights, nothing written) and
-    `apply_edit_s` (a whole ApplyEdit: metrics, journal and write; each is rolled back untimed);
+    `apply_edit_s` (a whole ApplyEdit: metrics, journal and write; each is rolled back untimed),
+    `apply_edit_no_metrics_s` (the same without metrics, as for bulk loads);
     `apply_chunk_s` (ApplyEdits of `chunk` edits), `replay_s` (reopening the journal of len(active)
     edits). `open_service()` opens the service on one scratch journal; `timed` and `active` are
     distinct facts."""
@@ -66,9 +67,9 @@ def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRe
         (kv,) = service.method.per_edit_key_values(service.model, service.tokenizer, [r], service.state.pristine)
         service.state.weights(service.state.propose([], {service.journal.next_seq(): kv}))
 
-    def applied(r: EditRecord) -> None:
+    def applied(r: EditRecord, metrics: bool) -> None:
         start = time.perf_counter()
-        (edit,) = service.apply([r]).edits
+        (edit,) = service.apply([r], metrics=metrics).edits
         seconds.append(time.perf_counter() - start)
         service.rollback_edit(edit.edit_id)
 
@@ -83,10 +84,11 @@ def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRe
                     service.apply(active[i : i + chunk])
                 result["apply_chunk_s"] = (time.perf_counter() - start) / -(-len(active) // chunk)
             result[f"bare_edit_s@{label}"] = _median_seconds(bare, timed)
-            seconds: list[float] = []
-            for r in timed:
-                applied(r)
-            result[f"apply_edit_s@{label}"] = statistics.median(seconds)
+            for metrics, key in ((True, "apply_edit_s"), (False, "apply_edit_no_metrics_s")):
+                seconds: list[float] = []
+                for r in timed:
+                    applied(r, metrics)
+                result[f"{key}@{label}"] = statistics.median(seconds)
     finally:
         service.close()
     start = time.perf_counter()

@@ -18,7 +18,7 @@ accuracy on the locality answers, so a reader sees how well it knew them.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -144,6 +144,80 @@ def measure(model, tokenizer, records: list[EditRecord], weights: Weights = None
             locality_tf=_mean([x[0] for x in ls]), locality_em=_mean([x[1] for x in ls]),
         ))
     return out
+
+
+LocalityKey = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, answer ids)
+
+
+@dataclass
+class LocalityCache:
+    """Pre-edit predictions on locality prompts under the live weights of one revision:
+    {(prompt ids, answer ids): (top-1 at each answer position, greedy continuation)}."""
+
+    revision: int = -1
+    entries: dict[LocalityKey, tuple[list[int], list[int]]] = field(default_factory=dict)
+
+
+def _greedy_from_top1(model, tokenizer, prompt_ids, answer_ids, top1, weights: Weights = None) -> list[list[int]]:
+    """Greedy continuations as long as each answer, from the teacher-forced top-1 on the answer: greedy
+    decoding follows the answer while its tokens are top-1, so it equals top-1 up to and including
+    the first mismatch; only rows with a mismatch before their end are decoded further."""
+    out, todo = [], []
+    for i, (answer, pred) in enumerate(zip(answer_ids, top1)):
+        k = next((j for j, (a, t) in enumerate(zip(answer, pred)) if a != t), len(answer))
+        out.append(list(pred[: k + 1]))
+        if k + 1 < len(answer):
+            todo.append(i)
+    rest = greedy_decode(model, tokenizer, [list(prompt_ids[i]) + out[i] for i in todo],
+                         [len(answer_ids[i]) - len(out[i]) for i in todo], weights) if todo else []
+    for i, tail in zip(todo, rest):
+        out[i] += tail
+    return out
+
+
+def before_and_after(model, tokenizer, records: list[EditRecord], weights: Weights,
+                     cache: LocalityCache | None = None) -> tuple[list[EditMetrics], list[EditMetrics], dict]:
+    """`measure` before and after an edit (`weights`), with `locality_reference`, in one batched pass
+    each way: (metrics before, metrics after, the cache entries of the edited weights). Locality pairs
+    found in `cache` (the live weights' predictions) are not recomputed; the pass after the edit gives
+    the edited weights' entries wherever the greedy continuation did not change."""
+    pairs = [(r.prompt, r.target_new) for r in records] + [(p, r.target_new) for r in records for p in r.rephrase_prompt]
+    loc = [(p, a) for r in records for p, a in zip(r.locality_prompt, r.locality_ground_truth or ("",) * len(r.locality_prompt))]
+    if any(not a.strip() for _, a in loc):
+        raise ValueError("locality prompts need their true answers (locality_ground_truth) to be measured")
+    tp, tt = tokenize_pairs(tokenizer, [p for p, _ in pairs], [t for _, t in pairs])
+    lp, la = tokenize_pairs(tokenizer, [p for p, _ in loc], [a for _, a in loc])
+    keys = [(tuple(p), tuple(a)) for p, a in zip(lp, la)]
+    known = cache.entries if cache is not None else {}
+    missing = list(dict.fromkeys(k for k in keys if k not in known))
+    pre = [x.tolist() for x in score_ids(model, tokenizer, tp + [list(k[0]) for k in missing], tt + [list(k[1]) for k in missing])]
+    miss_top1 = pre[len(tp):]
+    greedy = _greedy_from_top1(model, tokenizer, [k[0] for k in missing], [k[1] for k in missing], miss_top1)
+    ref = {**{k: known[k] for k in keys if k in known}, **dict(zip(missing, zip(miss_top1, greedy)))}
+    post = [x.tolist() for x in score_ids(model, tokenizer, tp + lp + lp, tt + la + [ref[k][1] for k in keys], weights)]
+    post_tf, post_em = post[len(tp) : len(tp) + len(lp)], post[len(tp) + len(lp):]
+
+    def hits(pred, target):  # the arithmetic of target_scores and _locality_after (float32 means), so numbers agree exactly
+        matched = torch.tensor([a == b for a, b in zip(pred, target)], dtype=torch.float32)
+        return matched.mean().item(), float(bool(matched.all()) and len(pred) == len(target))
+
+    target_pre = [hits(p, t) for p, t in zip(pre, tt)]
+    target_post = [hits(p, t) for p, t in zip(post, tt)]
+    loc_pre = [hits(ref[k][0], k[1]) for k in keys]
+    loc_post = [(hits(tf, ref[k][0])[0], float(em == ref[k][1])) for k, tf, em in zip(keys, post_tf, post_em)]
+    before, after, g, l_ = [], [], len(records), 0
+    for i, r in enumerate(records):
+        n_gen, n_loc = len(r.rephrase_prompt), len(r.locality_prompt)
+        for out, target, locs in ((before, target_pre, loc_pre), (after, target_post, loc_post)):
+            gs, ls = target[g : g + n_gen], locs[l_ : l_ + n_loc]
+            out.append(EditMetrics(
+                reliability_tf=target[i][0], reliability_em=target[i][1],
+                generality_tf=_mean([x[0] for x in gs]), generality_em=_mean([x[1] for x in gs]),
+                locality_tf=_mean([x[0] for x in ls]), locality_em=_mean([x[1] for x in ls]),
+            ))
+        g, l_ = g + n_gen, l_ + n_loc
+    following = {k: (tf, ref[k][1]) for k, tf, em in zip(keys, post_tf, post_em) if em == ref[k][1]}
+    return before, after, following
 
 
 def summarize(metrics: list[EditMetrics]) -> dict[str, float]:

@@ -37,7 +37,7 @@ from mend.checkpoint import editor_hash, load_editor
 from mend.editing import MendMethod
 from mend.errors import ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError
 from mend.journal import ROLLED_BACK, EditJournal, EditState, JournalEdit
-from mend.metrics import greedy_decode, locality_reference, measure
+from mend.metrics import LocalityCache, before_and_after, greedy_decode
 from mend.model_state import Change, EditableModel
 from mend.models import load_model, model_hash
 from mend.records import EditRecord, Fact
@@ -73,7 +73,8 @@ def _fingerprint(records: list[EditRecord], keys: list[str]) -> str:
 
 
 def _clean(metrics) -> dict[str, float | None]:
-    return {k: None if math.isnan(v) else v for k, v in metrics.as_dict().items()}
+    """Journal form of EditMetrics: NaN (not measured) as None; {} when the caller skipped metrics."""
+    return {k: None if math.isnan(v) else v for k, v in metrics.as_dict().items()} if metrics is not None else {}
 
 
 class EditService:
@@ -85,6 +86,7 @@ class EditService:
         self.info = dict(info or {})
         bases = {t.param_name: editor.base_system(t.param_name).detach() for t in targets} if editor is not None else None
         self.state = EditableModel(model, targets, bases)
+        self._locality = LocalityCache()  # the live weights' predictions on locality prompts, for one revision
         self._states = {s: st for s, st in journal.states().items() if st.live}  # live edits: active or superseded
         self._facts = {e.seq: e.record.fact_keys() for e in journal.edits(limit=10**9) if e.seq in self._states}  # superseding keys
         started = time.perf_counter()
@@ -171,12 +173,14 @@ class EditService:
         return dataclasses.replace(record, locality_ground_truth=texts)
 
     def apply(self, records: list[EditRecord], request_id: str = "", deadline: float | None = None,
-              edit_request_ids: list[str] | None = None, author: str = "anonymous", dry_run: bool = False) -> ApplyResult:
+              edit_request_ids: list[str] | None = None, author: str = "anonymous", dry_run: bool = False,
+              metrics: bool = True) -> ApplyResult:
         """Apply `records` as one revision, journaled as written by `author`. A repeated `request_id`
         returns the original result. `edit_request_ids` are per-edit keys (a single edit's key is
         `request_id`): an edit whose key is already in the journal is refused. `deadline` is a
         time.monotonic() value: past it, nothing is written and DeadlineExceededError is raised.
-        `dry_run`: the same computation and metrics, nothing written (request ids are not looked at)."""
+        `dry_run`: the same computation and metrics, nothing written (request ids are not looked at).
+        `metrics=False` skips measuring the edits (bulk loads): they are journaled without metrics."""
         keys = list(edit_request_ids or ([request_id] if len(records) == 1 else [""] * len(records)))
         self._validate(records, request_id)
         if len(keys) != len(records) or any(len(k) > 128 for k in keys) or len({k for k in keys if k}) != len([k for k in keys if k]):
@@ -193,9 +197,7 @@ class EditService:
             if self.method is None:
                 raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
             self._check_deadline(deadline)
-            measured = [self._measured(r) for r in records]
-            reference = locality_reference(self.model, self.tokenizer, measured)
-            pre = measure(self.model, self.tokenizer, measured)
+            measured = [self._measured(r) for r in records] if metrics else []
             kvs = self.method.per_edit_key_values(self.model, self.tokenizer, records, self.state.pristine)
             for kv in kvs:
                 self.state.check(kv)
@@ -206,7 +208,10 @@ class EditService:
             try:
                 states, change = self._transition(set(self._states) | set(new), new)
                 weights = self.state.weights(change)
-                post = measure(self.model, self.tokenizer, measured, weights, reference)
+                pre, post, following = [None] * len(records), [None] * len(records), {}
+                if metrics:
+                    cache = self._locality if self._locality.revision == self.revision else None
+                    pre, post, following = before_and_after(self.model, self.tokenizer, measured, weights, cache)
                 if dry_run:
                     now = time.time()
                     return ApplyResult(self.revision, [
@@ -223,6 +228,7 @@ class EditService:
                         del self._facts[s]
             self._commit(states, change, weights)
             self.revision = revision
+            self._locality = LocalityCache(revision, following)
         return ApplyResult(revision, edits, replayed=False)
 
     def _transition(self, live: set[int], new: dict[int, KeyValues] | None = None) -> tuple[dict[int, EditState], Change]:

@@ -51,15 +51,17 @@ class EditClient:
                 raise TimeoutError(f"server not SERVING after {timeout:.0f} s")
             time.sleep(0.2)
 
-    def apply(self, record: EditRecord, request_id: str = "", dry_run: bool = False) -> pb.ApplyEditResponse:
-        return self._call("ApplyEdit", pb.ApplyEditRequest(edit=spec_from_record(record), request_id=request_id, dry_run=dry_run))
+    def apply(self, record: EditRecord, request_id: str = "", dry_run: bool = False, skip_metrics: bool = False) -> pb.ApplyEditResponse:
+        return self._call("ApplyEdit", pb.ApplyEditRequest(edit=spec_from_record(record), request_id=request_id, dry_run=dry_run,
+                                                           skip_metrics=skip_metrics))
 
     def apply_batch(self, records: list[EditRecord], request_id: str = "", edit_request_ids: list[str] = (),
-                    dry_run: bool = False) -> pb.ApplyEditsResponse:
+                    dry_run: bool = False, skip_metrics: bool = False) -> pb.ApplyEditsResponse:
         specs = [spec_from_record(r) for r in records]
         for spec, key in zip(specs, edit_request_ids):
             spec.request_id = key
-        return self._call("ApplyEdits", pb.ApplyEditsRequest(edits=specs, request_id=request_id, dry_run=dry_run))
+        return self._call("ApplyEdits", pb.ApplyEditsRequest(edits=specs, request_id=request_id, dry_run=dry_run,
+                                                             skip_metrics=skip_metrics))
 
     def rollback(self, edit_id: str) -> int:
         return self._call("RollbackEdit", pb.RollbackEditRequest(edit_id=edit_id)).model_revision

@@ -60,7 +60,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
 
     def ApplyEdit(self, request, context):
         result = self.service.apply([record_from_spec(request.edit)], request.request_id, _deadline(context),
-                                    author=CALLER.get(), dry_run=request.dry_run)
+                                    author=CALLER.get(), dry_run=request.dry_run, metrics=not request.skip_metrics)
         (edit,) = result.edits
         self.holder.metrics.count_edits(0 if result.replayed or request.dry_run else 1)
         return pb.ApplyEditResponse(edit_id=edit.edit_id, model_revision=result.revision, before=metrics_message(edit.pre),
@@ -69,7 +69,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
     def ApplyEdits(self, request, context):
         result = self.service.apply([record_from_spec(s) for s in request.edits], request.request_id, _deadline(context),
                                     edit_request_ids=[s.request_id for s in request.edits], author=CALLER.get(),
-                                    dry_run=request.dry_run)
+                                    dry_run=request.dry_run, metrics=not request.skip_metrics)
         self.holder.metrics.count_edits(0 if result.replayed or request.dry_run else len(result.edits))
         return pb.ApplyEditsResponse(edits=[edit_message(e) for e in result.edits], model_revision=result.revision,
                                      replayed=result.replayed)

@@ -1,9 +1,11 @@
+import dataclasses
 import math
 
 import torch
 
 from mend.batching import encode, logits, masked_kl, target_nll, tokenize_pairs
 from mend.metrics import greedy_decode, locality_reference, measure, summarize, target_scores
+from mend.models import load_model
 from mend.records import EditRecord
 
 
@@ -79,3 +81,33 @@ def test_encode_marks_only_target_tokens(tokenizer):
     for row, mask in zip(batch.labels, batch.attention_mask):
         labelled = row[row != -100]
         assert len(labelled) >= 1 and (row[mask == 0] == -100).all()
+
+
+def _same(a, b):
+    return all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a.as_dict().values(), b.as_dict().values()))
+
+
+def test_the_fast_before_and_after_agrees_with_measure_and_its_cache_with_a_fresh_reference(trained_gpt2_dir, world):
+    """The server's two-pass measurement (mend.service) against the plain definitions above, on an
+    edited model where some locality predictions change and some locality answers are unknown (so
+    greedy continuations leave the answer and have to be decoded)."""
+    from mend.metrics import LocalityCache, before_and_after
+
+    model, tok = load_model(trained_gpt2_dir, device="cpu")
+    split = world.edit_split("test")
+    records = [dataclasses.replace(r, locality_prompt=(r.locality_prompt[0], split.records[i + 1].prompt),
+                                   locality_ground_truth=(r.locality_ground_truth[0], "Zorath Vel")) for i, r in enumerate(split.records[:6])]
+    torch.manual_seed(0)
+    weights = {k: v + 0.3 * v.std() * torch.randn_like(v) for k, v in model.named_parameters() if "mlp" in k}
+    expected_pre = measure(model, tok, records)
+    expected_post = measure(model, tok, records, weights, locality_reference(model, tok, records))
+    pre, post, following = before_and_after(model, tok, records, weights)
+    assert all(map(_same, pre, expected_pre)) and all(map(_same, post, expected_post))
+    assert any(m.locality_em < 1 for m in post) and any(m.locality_em > 0 for m in post)  # some locality changed, some held
+    again = before_and_after(model, tok, records, weights, LocalityCache(0, before_and_after(model, tok, records, None)[2]))
+    assert all(map(_same, again[1], expected_post))  # answers from the cache are the fresh ones
+    fresh = locality_reference(model, tok, records, weights)
+    for p, a, top1, greedy in zip(fresh.prompt_ids, fresh.answer_ids, fresh.top1, fresh.greedy):
+        if (tuple(p), tuple(a)) in following:
+            assert following[tuple(p), tuple(a)] == (top1, greedy)
+    assert len(following) < 2 * len(records)

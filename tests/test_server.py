@@ -254,7 +254,7 @@ def test_a_bad_tokens_file_fails_at_start_naming_what_to_fix(tmp_path, content, 
         ServerConfig(tokens_file=str(tmp_path / "tokens.yaml"))
 
 
-def test_dry_run_returns_the_metrics_of_the_real_edit_and_writes_nothing(start, records):
+def test_dry_run_and_skip_metrics(start, records):
     server, client = start()
     before = served_weights(server)
     preview = client.apply(records[0], request_id="look", dry_run=True)
@@ -265,6 +265,11 @@ def test_dry_run_returns_the_metrics_of_the_real_edit_and_writes_nothing(start, 
     assert not real.replayed and real.model_revision == 1
     assert (real.before, real.after) == (preview.before, preview.after)
     assert [e.edit_id for e in batch.edits] == ["", ""] and batch.edits[0].after.HasField("reliability_em")
+    measured = served_weights(server)
+    client.rollback(real.edit_id)
+    bulk = client.apply(records[0], skip_metrics=True)  # the same edit, unmeasured: the same weights, no metrics
+    assert not bulk.after.ListFields() and not client.get(bulk.edit_id).before.ListFields()
+    assert all(torch.equal(v, measured[k]) for k, v in served_weights(server).items())
 
 
 def test_overload_is_resource_exhausted(start, records):

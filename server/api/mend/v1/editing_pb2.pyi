@@ -79,14 +79,16 @@ class Edit(_message.Message):
     def __init__(self, edit_id: _Optional[str] = ..., seq: _Optional[int] = ..., revision: _Optional[int] = ..., spec: _Optional[_Union[EditSpec, _Mapping]] = ..., before: _Optional[_Union[EditMetrics, _Mapping]] = ..., after: _Optional[_Union[EditMetrics, _Mapping]] = ..., active: _Optional[bool] = ..., rolled_back_at_revision: _Optional[int] = ..., request_id: _Optional[str] = ..., created_unix: _Optional[float] = ..., editor_hash: _Optional[str] = ..., superseded_by: _Optional[str] = ..., applied_by: _Optional[str] = ..., rolled_back_by: _Optional[str] = ...) -> None: ...
 
 class ApplyEditRequest(_message.Message):
-    __slots__ = ("edit", "request_id", "dry_run")
+    __slots__ = ("edit", "request_id", "dry_run", "skip_metrics")
     EDIT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SKIP_METRICS_FIELD_NUMBER: _ClassVar[int]
     edit: EditSpec
     request_id: str
     dry_run: bool
-    def __init__(self, edit: _Optional[_Union[EditSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    skip_metrics: bool
+    def __init__(self, edit: _Optional[_Union[EditSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ..., skip_metrics: _Optional[bool] = ...) -> None: ...
 
 class ApplyEditResponse(_message.Message):
     __slots__ = ("edit_id", "model_revision", "before", "after", "replayed")
@@ -103,14 +105,16 @@ class ApplyEditResponse(_message.Message):
     def __init__(self, edit_id: _Optional[str] = ..., model_revision: _Optional[int] = ..., before: _Optional[_Union[EditMetrics, _Mapping]] = ..., after: _Optional[_Union[EditMetrics, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class ApplyEditsRequest(_message.Message):
-    __slots__ = ("edits", "request_id", "dry_run")
+    __slots__ = ("edits", "request_id", "dry_run", "skip_metrics")
     EDITS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SKIP_METRICS_FIELD_NUMBER: _ClassVar[int]
     edits: _containers.RepeatedCompositeFieldContainer[EditSpec]
     request_id: str
     dry_run: bool
-    def __init__(self, edits: _Optional[_Iterable[_Union[EditSpec, _Mapping]]] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    skip_metrics: bool
+    def __init__(self, edits: _Optional[_Iterable[_Union[EditSpec, _Mapping]]] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ..., skip_metrics: _Optional[bool] = ...) -> None: ...
 
 class ApplyEditsResponse(_message.Message):
     __slots__ = ("edits", "model_revision", "replayed")
