@@ -4,11 +4,12 @@ Tables
 - `meta`: the base model's hash the journal belongs to.
 - `revisions`: one row per state change (revision 0 is the base model, never stored): an `apply`
   of one or more edits, a `rollback` of one edit, or a `rollback_to` an earlier revision, with its
-  `author` (the name of the caller's token; "anonymous" when auth is off).
-  `request_id` (unique) makes applies idempotent; `fingerprint` detects a reused id.
+  `author` (the name of the caller's token; "anonymous" when auth is off). `request_id` (unique)
+  makes a call of several edits idempotent; `fingerprint` detects a reused id.
 - `edits`: one immutable row per edit, in application order (`seq`), pointing to its file of keys
-  and values per layer (`mend.aggregation`), with the edit's own `request_id` (unique when given;
-  batch edit files use it to resume).
+  and values per layer (`mend.aggregation`), with its `author` and its own `request_id` (unique when
+  given; batch edit files use it to resume; a single edit's call is idempotent by it, with the
+  edit's `fingerprint`: edits of several callers can share one revision).
 - `events`: each revision's changes of edit states: active, superseded (by a newer edit of the
   same fact: `superseded_by`), or rolled back. An edit's state at any revision is its last event up
   to it, so any past state can be restored exactly, and replaying the revisions in order repeats
@@ -36,7 +37,7 @@ from mend.aggregation import KeyValues
 from mend.errors import EditNotFoundError, StateConflictError
 from mend.records import EditRecord
 
-FORMAT = "3"  # 3: revisions record their author (2: without; upgraded in place); 1: summed rank-1 factors
+FORMAT = "3"  # 3: authors, per-edit fingerprints (2: without; upgraded in place); 1: summed rank-1 factors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS revisions (
 CREATE TABLE IF NOT EXISTS edits (
     seq INTEGER PRIMARY KEY, edit_id TEXT UNIQUE NOT NULL, revision INTEGER NOT NULL,
     record TEXT NOT NULL, pre TEXT NOT NULL, post TEXT NOT NULL, factors_file TEXT NOT NULL,
-    editor_hash TEXT NOT NULL, request_id TEXT);
+    editor_hash TEXT NOT NULL, request_id TEXT, author TEXT NOT NULL DEFAULT '', fingerprint TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS edit_request_ids ON edits (request_id) WHERE request_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     revision INTEGER NOT NULL, seq INTEGER NOT NULL, active INTEGER NOT NULL, superseded_by INTEGER,
@@ -109,9 +110,11 @@ class EditJournal:
         self._db.executescript(SCHEMA)
         fmt = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
         row = self._db.execute("SELECT value FROM meta WHERE key='base_model_hash'").fetchone()
-        if row is not None and fmt is not None and fmt[0] == "2":  # add the author column; old writes have none
-            if "author" not in {c[1] for c in self._db.execute("PRAGMA table_info(revisions)")}:
-                self._db.execute("ALTER TABLE revisions ADD COLUMN author TEXT NOT NULL DEFAULT ''")
+        if row is not None and fmt is not None and fmt[0] == "2":  # add the columns of format 3; old writes have no author
+            for table, column in (("revisions", "author TEXT NOT NULL DEFAULT ''"), ("edits", "author TEXT NOT NULL DEFAULT ''"),
+                                  ("edits", "fingerprint TEXT")):
+                if column.split()[0] not in {c[1] for c in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
             self._db.execute("UPDATE meta SET value=? WHERE key='format'", (FORMAT,))
             fmt = (FORMAT,)
         if row is not None and (fmt is None or fmt[0] != FORMAT):
@@ -154,6 +157,12 @@ class EditJournal:
         """(revision, fingerprint) of an earlier apply with this request id."""
         with self._lock:
             return self._db.execute("SELECT revision, fingerprint FROM revisions WHERE request_id=?", (request_id,)).fetchone()
+
+    def find_edit_request(self, request_id: str) -> tuple[str, str | None] | None:
+        """(edit_id, fingerprint) of the edit whose own key is `request_id` (fingerprint None when it came
+        in a call of several edits)."""
+        with self._lock:
+            return self._db.execute("SELECT edit_id, fingerprint FROM edits WHERE request_id=?", (request_id,)).fetchone()
 
     def existing_edit_ids(self, request_ids: list[str]) -> dict[str, str]:
         """{request_id: edit_id} for the given per-edit request ids already in the journal."""
@@ -207,7 +216,7 @@ class EditJournal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT e.seq, e.edit_id, e.revision, e.record, e.pre, e.post, e.editor_hash, e.request_id, r.created, "
-                "v.active, v.revision, (SELECT edit_id FROM edits s WHERE s.seq=v.superseded_by), r.author, l.author "
+                "v.active, v.revision, (SELECT edit_id FROM edits s WHERE s.seq=v.superseded_by), e.author, l.author "
                 "FROM edits e JOIN revisions r ON r.revision=e.revision "
                 "JOIN events v ON v.seq=e.seq AND v.revision=(SELECT MAX(revision) FROM events w WHERE w.seq=e.seq) "
                 "JOIN revisions l ON l.revision=v.revision "
@@ -233,11 +242,15 @@ class EditJournal:
     def append_edits(self, records: list[EditRecord], key_values: list[KeyValues], pre: list[dict], post: list[dict],
                      editor_hash: str, request_id: str = "", fingerprint: str = "",
                      edit_request_ids: list[str] | None = None,
-                     states: dict[int, EditState] | None = None, author: str = "anonymous") -> tuple[int, list[JournalEdit]]:
+                     states: dict[int, EditState] | None = None, authors: list[str] | None = None,
+                     fingerprints: list[str | None] | None = None) -> tuple[int, list[JournalEdit]]:
         """Persist one apply of `records` as a new revision; returns (revision, the new edits). The new
         edits get the sequence numbers from `next_seq()` on; `states` gives their states and any
-        older edit's new state (superseded), all active by default."""
+        older edit's new state (superseded), all active by default. `authors` and `fingerprints` are
+        per edit (a single edit's call is idempotent by its key and fingerprint)."""
         keys = edit_request_ids or [""] * len(records)
+        authors = authors or ["anonymous"] * len(records)
+        fingerprints = fingerprints or [None] * len(records)
         with self._lock:
             revision = self._last_revision() + 1
             first = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()[0] + 1
@@ -257,11 +270,11 @@ class EditJournal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT INTO revisions VALUES (?, 'apply', ?, ?, ?, ?)",
-                                 (revision, request_id or None, fingerprint, created, author))
-                for seq, rec, name, p, q, key in zip(seqs, records, files, pre, post, keys):
-                    self._db.execute("INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+                                 (revision, request_id or None, fingerprint, created, ", ".join(dict.fromkeys(authors))))
+                for seq, rec, name, p, q, key, author, print_ in zip(seqs, records, files, pre, post, keys, authors, fingerprints):
+                    self._db.execute("INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
                         seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), name,
-                        editor_hash, key or None))
+                        editor_hash, key or None, author, print_))
                 self._insert_events(revision, states)
                 self._db.execute("COMMIT")
             except BaseException:

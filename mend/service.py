@@ -25,9 +25,11 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,7 +37,8 @@ from mend.aggregation import KeyValues
 from mend.batching import encode, logits, tokenize_pairs
 from mend.checkpoint import editor_hash, load_editor
 from mend.editing import MendMethod
-from mend.errors import ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError
+from mend.errors import (ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, MendError, NoEditorError,
+                         StateConflictError)
 from mend.journal import ROLLED_BACK, EditJournal, EditState, JournalEdit
 from mend.metrics import LocalityCache, before_and_after, greedy_decode
 from mend.model_state import Change, EditableModel
@@ -68,6 +71,38 @@ class ApplyResult:
     replayed: bool  # True when a repeated request_id returned the original result
 
 
+@dataclass
+class _Call:
+    """One apply call on its way to the writer."""
+
+    records: list[EditRecord]
+    keys: list[str]  # per-edit request ids
+    request_id: str
+    fingerprint: str
+    author: str
+    metrics: bool
+    deadline: float | None
+    coalesce: bool  # a single edit (ApplyEdit): may share a revision with others, idempotent by its edit's key
+    result: ApplyResult | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One prepared update: the calls in it, their edits, and everything computed for them."""
+
+    calls: list[_Call]
+    records: list[EditRecord]
+    kvs: list[KeyValues]
+    new: dict[int, KeyValues]
+    states: dict[int, EditState]
+    change: Change
+    weights: dict[str, torch.Tensor]
+    pre: list
+    post: list
+    following: dict
+
+
 def _fingerprint(records: list[EditRecord], keys: list[str]) -> str:
     return hashlib.sha256(json.dumps([[r.to_dict() for r in records], keys], sort_keys=True).encode()).hexdigest()
 
@@ -87,6 +122,9 @@ class EditService:
         bases = {t.param_name: editor.base_system(t.param_name).detach() for t in targets} if editor is not None else None
         self.state = EditableModel(model, targets, bases)
         self._locality = LocalityCache()  # the live weights' predictions on locality prompts, for one revision
+        self._queue: list[_Call] = []  # single edits waiting for the writer (coalesced)
+        self._queue_lock = threading.Lock()
+        self.on_update: Callable[[int, int], None] | None = None  # (calls, edits) of every update written: metrics
         self._states = {s: st for s, st in journal.states().items() if st.live}  # live edits: active or superseded
         self._facts = {e.seq: e.record.fact_keys() for e in journal.edits(limit=10**9) if e.seq in self._states}  # superseding keys
         started = time.perf_counter()
@@ -157,6 +195,11 @@ class EditService:
             if any(not a.strip() or len(a) > lim.max_target_chars for a in r.locality_ground_truth):
                 raise InvalidEditError(f"edit {i}: locality answers must be non-empty and at most {lim.max_target_chars} characters "
                                        "(or give none: the model's own continuations are used)")
+            pairs = [(r.prompt, r.target_new)] + [(p, r.target_new) for p in r.rephrase_prompt] + list(zip(r.locality_prompt, r.locality_ground_truth))
+            try:  # what the model cannot take fails here, for this edit alone, not inside an update shared with others
+                encode(self.tokenizer, [p for p, _ in pairs], [t for _, t in pairs])
+            except InvalidEditError as e:
+                raise InvalidEditError(f"edit {i}: {e}") from None
 
     def _measured(self, record: EditRecord) -> EditRecord:
         """The record as measured: server-held locality prompts when it brings none; the model's own
@@ -180,56 +223,166 @@ class EditService:
         `request_id`): an edit whose key is already in the journal is refused. `deadline` is a
         time.monotonic() value: past it, nothing is written and DeadlineExceededError is raised.
         `dry_run`: the same computation and metrics, nothing written (request ids are not looked at).
-        `metrics=False` skips measuring the edits (bulk loads): they are journaled without metrics."""
+        `metrics=False` skips measuring the edits (bulk loads): they are journaled without metrics.
+
+        A single edit without per-edit keys (ApplyEdit) is coalesced: the single edits that queue while
+        the writer is busy are applied by the next writer as one update, one journal commit and one
+        revision, each with its own edit id, metrics and error; a later arrival supersedes an earlier
+        edit of the same fact."""
         keys = list(edit_request_ids or ([request_id] if len(records) == 1 else [""] * len(records)))
         self._validate(records, request_id)
         if len(keys) != len(records) or any(len(k) > 128 for k in keys) or len({k for k in keys if k}) != len([k for k in keys if k]):
             raise InvalidEditError("give one distinct request_id (at most 128 characters) per edit, or none")
-        fingerprint = _fingerprint(records, keys)
+        call = _Call(records, keys, request_id, _fingerprint(records, keys), author, metrics, deadline,
+                     coalesce=edit_request_ids is None and len(records) == 1)
+        if dry_run:
+            with self.state.lock.write():
+                return self._preview(call)
+        if call.coalesce:
+            with self._queue_lock:
+                self._queue.append(call)
         with self.state.lock.write():
-            if not dry_run and request_id and (found := self.journal.find_request(request_id)) is not None:
-                revision, stored = found
-                if stored != fingerprint:
-                    raise StateConflictError(f"request_id {request_id!r} was already used for a different request (revision {revision})")
-                return ApplyResult(revision, self.journal.edits(revision=revision), replayed=True)
-            if not dry_run and (done := self.journal.existing_edit_ids(keys)):
-                raise StateConflictError(f"edit request_id(s) already applied: {done}; give a new request_id to apply again")
-            if self.method is None:
-                raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
-            self._check_deadline(deadline)
-            measured = [self._measured(r) for r in records] if metrics else []
-            kvs = self.method.per_edit_key_values(self.model, self.tokenizer, records, self.state.pristine)
-            for kv in kvs:
-                self.state.check(kv)
-            first = self.journal.next_seq()
-            new = dict(zip(range(first, first + len(records)), kvs))
-            self._facts.update(zip(new, (r.fact_keys() for r in records)))
-            journaled = False
+            if call.result is None and call.error is None:  # not yet applied by another caller's update
+                if call.coalesce:
+                    with self._queue_lock:
+                        group, self._queue = self._queue, []
+                else:
+                    group = [call]
+                self._apply_group(group)
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _replayed(self, call: "_Call") -> ApplyResult | None:
+        """The original result when the call's request_id was applied before; a request_id (or per-edit
+        key) already used for something else is refused."""
+        rid = call.request_id
+        if rid and (found := self.journal.find_request(rid)) is not None:
+            revision, stored = found
+            if stored != call.fingerprint:
+                raise StateConflictError(f"request_id {rid!r} was already used for a different request (revision {revision})")
+            return ApplyResult(revision, self.journal.edits(revision=revision), replayed=True)
+        if rid and call.coalesce and (found := self.journal.find_edit_request(rid)) is not None:
+            edit_id, stored = found
+            if stored != call.fingerprint:
+                raise StateConflictError(f"request_id {rid!r} was already used for a different request (edit {edit_id})")
+            edit = self.journal.get(edit_id)
+            return ApplyResult(edit.revision, [edit], replayed=True)
+        if done := self.journal.existing_edit_ids(call.keys):
+            raise StateConflictError(f"edit request_id(s) already applied: {done}; give a new request_id to apply again")
+        return None
+
+    def _apply_group(self, calls: list["_Call"]) -> None:
+        """Apply every call that is not a repeat as one revision (caller holds the write lock). Each call
+        gets its result or its own error."""
+        todo, repeats = [], []
+        try:
+            for c in calls:
+                try:
+                    if (replay := self._replayed(c)) is not None:
+                        c.result = replay
+                    elif c.request_id and any(c.request_id == t.request_id for t in todo):
+                        repeats.append(c)  # a retry queued behind its own first attempt
+                    else:
+                        self._check_deadline(c.deadline)
+                        if self.method is None:
+                            raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
+                        todo.append(c)
+                except MendError as e:
+                    c.error = e
+            if todo:
+                self._write(todo)
+            for c in repeats:
+                try:
+                    c.result = self._replayed(c)
+                except MendError as e:
+                    c.error = e
+        except BaseException as e:  # a failure of the whole update (journal, device): every call waiting on it gets it
+            for c in calls:
+                if c.result is None and c.error is None:
+                    c.error = e
+            if not isinstance(e, Exception):
+                raise
+
+    def _prepare(self, calls: list["_Call"]) -> "_Update":
+        """Keys and values of every edit on the base weights, the proposed change of the active set and
+        weights, and the metrics before and after; nothing is written. A call whose update would be
+        non-finite gets its error and is left out."""
+        kvs = self.method.per_edit_key_values(self.model, self.tokenizer, [r for c in calls for r in c.records], self.state.pristine)
+        kept, kept_kvs, i = [], [], 0
+        for c in calls:
+            mine, i = kvs[i : i + len(c.records)], i + len(c.records)
             try:
-                states, change = self._transition(set(self._states) | set(new), new)
-                weights = self.state.weights(change)
-                pre, post, following = [None] * len(records), [None] * len(records), {}
-                if metrics:
-                    cache = self._locality if self._locality.revision == self.revision else None
-                    pre, post, following = before_and_after(self.model, self.tokenizer, measured, weights, cache)
-                if dry_run:
-                    now = time.time()
-                    return ApplyResult(self.revision, [
-                        JournalEdit(0, "", self.revision, r, _clean(b), _clean(a), False, None, "", self.info.get("editor_hash", ""),
-                                    k, now, author) for r, b, a, k in zip(records, pre, post, keys)], replayed=False)
-                self._check_deadline(deadline)
-                revision, edits = self.journal.append_edits(
-                    records, kvs, [_clean(m) for m in pre], [_clean(m) for m in post],
-                    self.info.get("editor_hash", ""), request_id, fingerprint, keys, states, author)
-                journaled = True
-            finally:
-                if not journaled:  # a dry run, or a failure: the new edits' fact keys go again
-                    for s in new:
-                        del self._facts[s]
-            self._commit(states, change, weights)
-            self.revision = revision
-            self._locality = LocalityCache(revision, following)
-        return ApplyResult(revision, edits, replayed=False)
+                for kv in mine:
+                    self.state.check(kv)
+            except MendError as e:
+                if len(calls) == 1:
+                    raise
+                c.error = e
+                continue
+            kept.append(c)
+            kept_kvs += mine
+        records = [r for c in kept for r in c.records]
+        first = self.journal.next_seq()
+        new = dict(zip(range(first, first + len(records)), kept_kvs))
+        self._facts.update(zip(new, (r.fact_keys() for r in records)))
+        try:
+            states, change = self._transition(set(self._states) | set(new), new)
+            weights = self.state.weights(change)
+            pre, post, following = [None] * len(records), [None] * len(records), {}
+            wanted = [i for i, c in enumerate(c for c in kept for _ in c.records) if c.metrics]
+            if wanted:
+                cache = self._locality if self._locality.revision == self.revision else None
+                measured = [self._measured(records[i]) for i in wanted]
+                before, after, following = before_and_after(self.model, self.tokenizer, measured, weights, cache)
+                for i, b, a in zip(wanted, before, after):
+                    pre[i], post[i] = b, a
+        except BaseException:
+            for s in new:
+                del self._facts[s]
+            raise
+        return _Update(kept, records, kept_kvs, new, states, change, weights, pre, post, following)
+
+    def _write(self, calls: list["_Call"]) -> None:
+        """Journal one update of `calls` as one revision, then make it live."""
+        u = self._prepare(calls)
+        if not u.calls:
+            return
+        journaled = False
+        try:
+            lone = len(u.calls) == 1 and not u.calls[0].coalesce  # a call of several edits: idempotent by its request_id
+            if len(u.calls) == 1:
+                self._check_deadline(u.calls[0].deadline)
+            revision, edits = self.journal.append_edits(
+                u.records, u.kvs, [_clean(m) for m in u.pre], [_clean(m) for m in u.post], self.info.get("editor_hash", ""),
+                u.calls[0].request_id if lone else "", u.calls[0].fingerprint if lone else "",
+                [k for c in u.calls for k in c.keys], u.states, [c.author for c in u.calls for _ in c.records],
+                [None if lone else c.fingerprint for c in u.calls for _ in c.records])
+            journaled = True
+        finally:
+            if not journaled:
+                for s in u.new:
+                    del self._facts[s]
+        self._commit(u.states, u.change, u.weights)
+        self.revision = revision
+        self._locality = LocalityCache(revision, u.following)
+        i = 0
+        for c in u.calls:
+            c.result, i = ApplyResult(revision, edits[i : i + len(c.records)], replayed=False), i + len(c.records)
+        if self.on_update is not None:
+            self.on_update(len(u.calls), len(u.records))
+
+    def _preview(self, call: "_Call") -> ApplyResult:
+        """A dry run: what `call` would do now, as edits that are not in the journal."""
+        if self.method is None:
+            raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
+        self._check_deadline(call.deadline)
+        u = self._prepare([call])
+        for s in u.new:
+            del self._facts[s]
+        now, editor = time.time(), self.info.get("editor_hash", "")
+        return ApplyResult(self.revision, [JournalEdit(0, "", self.revision, r, _clean(b), _clean(a), False, None, "", editor, k, now, call.author)
+                                           for r, b, a, k in zip(u.records, u.pre, u.post, call.keys)], replayed=False)
 
     def _transition(self, live: set[int], new: dict[int, KeyValues] | None = None) -> tuple[dict[int, EditState], Change]:
         """For the edits that will be live (applied, not rolled back): the state changes (newest first, an

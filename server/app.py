@@ -74,6 +74,8 @@ class ServerMetrics:
         self.rollbacks = Counter("mend_rollbacks", "Rollbacks that changed the model", registry=self.registry)
         self.latency = Histogram("mend_rpc_latency_seconds", "mend.v1 call latency", ["method", "code"], registry=self.registry,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.coalesced = Histogram("mend_coalesced_calls", "ApplyEdit calls applied together as one update (one revision)",
+                                   registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         active = Gauge("mend_active_edits", "Edits active in the served weights", registry=self.registry)
         active.set_function(lambda: holder.service.n_active if holder.service else 0)
         revision = Gauge("mend_model_revision", "Current model revision", registry=self.registry)
@@ -81,6 +83,9 @@ class ServerMetrics:
 
     def count_edits(self, n: int) -> None:
         self.edits.inc(n)
+
+    def observe_update(self, calls: int, edits: int) -> None:
+        self.coalesced.observe(calls)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.latency.labels(method, code).observe(seconds)
@@ -140,6 +145,7 @@ class MendServer:
         try:
             service = self.load_service()
             service.warm_up()
+            service.on_update = self.holder.metrics.observe_update
         except BaseException as e:  # reported by serve(); health stays NOT_SERVING
             log.exception("loading the model failed")
             self.load_error, self.holder.phase = e, "failed"

@@ -191,18 +191,28 @@ def test_concurrent_clients_end_with_weights_equal_to_a_replay_of_the_journal(st
     address = f"127.0.0.1:{server.port}"
 
     def worker(w):
+        out = []
         with EditClient(address) as c:
             for i in range(25):
                 r = records[(w * 25 + i) % len(records)]
-                c.apply(EditRecord(prompt=r.prompt, target_new=r.target_new, rephrase_prompt=r.rephrase_prompt), request_id=f"{w}-{i}")
+                reply = c.apply(EditRecord(prompt=r.prompt, target_new=r.target_new, rephrase_prompt=r.rephrase_prompt),
+                                request_id=f"{w}-{i}")
+                out.append((reply.edit_id, reply.model_revision))
                 if i % 10 == 9:
                     c.generate(r.prompt, 2)  # readers interleaved with writers
-        return w
+        return out
 
     with ThreadPoolExecutor(8) as pool:
-        assert sorted(pool.map(worker, range(8))) == list(range(8))
+        replies = [x for part in pool.map(worker, range(8)) for x in part]
     live = served_weights(server)
-    assert client.info().model_revision == 200 and len(client.edits()) == 200
+    journal = {e.edit_id: e for e in client.edits()}
+    assert len(journal) == 200 and client.info().model_revision < 200  # waiting edits were coalesced into shared revisions
+    assert all(journal[edit_id].revision == revision for edit_id, revision in replies)  # each reply names its edit's revision
+    assert all(journal[edit_id].after.HasField("reliability_em") for edit_id, _ in replies)
+    latest = {}
+    for e in sorted(journal.values(), key=lambda e: e.seq):  # the later arrival of an edit of the same prompt supersedes
+        latest[e.spec.prompt] = e.edit_id
+    assert {e.edit_id for e in journal.values() if e.active} == set(latest.values())
     server.stop(1)
     replay = EditService.open(str(trained_gpt2_dir), str(tiny_editor_dir), str(tmp_path / "journal"), device="cpu", n_last_blocks=2)
     fresh = replay.model.state_dict()
@@ -270,6 +280,24 @@ def test_dry_run_and_skip_metrics(start, records):
     bulk = client.apply(records[0], skip_metrics=True)  # the same edit, unmeasured: the same weights, no metrics
     assert not bulk.after.ListFields() and not client.get(bulk.edit_id).before.ListFields()
     assert all(torch.equal(v, measured[k]) for k, v in served_weights(server).items())
+
+
+def test_edits_waiting_for_the_writer_share_one_revision_and_a_bad_one_fails_alone(start, records):
+    server, client = start(metrics_port=0)
+    client.apply(records[0], request_id="taken")
+    with server.holder.service.state.lock.write():  # hold the writer so that three calls queue behind it
+        futures = [client.stub.ApplyEdit.future(pb.ApplyEditRequest(edit=pb.EditSpec(prompt=r.prompt, target_new=t), request_id=k))
+                   for r, t, k in ((records[1], "Zed", "a"), (records[2], "Yor", "taken"), (records[3], "Xan", "c"))]
+        while len(server.holder.service._queue) < 3:
+            pass
+    first, third = futures[0].result(), futures[2].result()
+    with pytest.raises(grpc.RpcError) as err:
+        futures[1].result()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already used" in err.value.details()
+    assert first.model_revision == third.model_revision == 2 and first.edit_id != third.edit_id
+    assert first.after.HasField("reliability_em") and client.info().active_edits == 3
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    assert 'mend_coalesced_calls_bucket{le="2.0"} 2.0' in text and "mend_coalesced_calls_count 2.0" in text
 
 
 def test_overload_is_resource_exhausted(start, records):

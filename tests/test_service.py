@@ -266,7 +266,8 @@ def test_a_journal_of_format_2_is_upgraded_in_place_and_keeps_its_edits(open_ser
     service.apply([records[0]], author="alice")
     service.close()
     with sqlite3.connect(tmp_path / "journal" / "journal.sqlite3") as db:  # as written before authors were recorded
-        db.execute("ALTER TABLE revisions DROP COLUMN author")
+        for table, column in (("revisions", "author"), ("edits", "author"), ("edits", "fingerprint")):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         db.execute("UPDATE meta SET value='2' WHERE key='format'")
     service = open_service()
     (edit,) = service.list()
