@@ -26,6 +26,7 @@ from mend.data.corpus import build_corpus
 from mend.errors import ConfigError
 from mend.metrics import target_scores
 from mend.models import resolve_device
+from mend.resources import WORLD
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
@@ -35,7 +36,7 @@ EOS = "<|endoftext|>"
 class BaseModelConfig:
     corpus: str = "synthetic"  # synthetic (the embedded world) | facts (CounterFact + zsRE + WikiText-2) | none (mend.data.corpus)
     extra_facts: tuple[str, ...] = ()  # CounterFact or zsRE files whose true statements join the corpus
-    world_path: str = "data/synthetic_world.json"
+    world_path: str = str(WORLD)
     shared_data: str = ""  # the folder holding the real data (the facts corpus)
     vocab_size: int = 4096
     n_layer: int = 4

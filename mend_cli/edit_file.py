@@ -1,6 +1,6 @@
 """`mend edit FILE`, `mend rollback`, `mend edits`: batch edit files against a server or locally.
 
-An edit file is JSONL, one edit per line, with EasyEdit's field names (see data/sample_edits.jsonl):
+An edit file is JSONL, one edit per line, with EasyEdit's field names (see data/sample_edits.jsonl, shipped):
     {"prompt": "...", "target_new": "...", "subject": "...", "relation": "...", "ground_truth": "...",
      "rephrase_prompt": "..." or [...], "locality_prompt": "..." or [...],
      "locality_ground_truth": "..." or [...], "request_id": "...", "case_id": "..."}
@@ -233,7 +233,7 @@ def run(command: str, argv: list[str], load_config) -> int:
         parser.add_argument("--active", action="store_true", help="only edits now active")
     parser.add_argument("--server", help="ADDR of a running `mend serve` (default: work locally)")
     parser.add_argument("--token", default="", help="bearer token for the server")
-    parser.add_argument("--out", default="artifacts/edited-model", help="local mode: edited model + its journal")
+    parser.add_argument("--out", help="local mode: edited model + its journal (default: <home>/edited-model)")
     parser.epilog = "Any key=value arguments are config overrides (configs/mend.yaml), used in local mode."
     args, overrides = parser.parse_known_args(argv)
     if getattr(args, "edit_id", None) and "=" in args.edit_id:  # an override, not an edit id
@@ -244,6 +244,7 @@ def run(command: str, argv: list[str], load_config) -> int:
     if command == "edit" and args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     cfg = load_config(overrides)
+    args.out = args.out or str(Path(cfg.paths.home) / "edited-model")
     try:
         return {"edit": edit, "rollback": rollback, "edits": list_edits}[command](args, cfg)
     except MendError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -15,26 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from mend.resources import SHIPPED
+from mend_cli.config import as_config, load_config
+
 log = logging.getLogger("mend")
-
-
-def as_config(cls, node, **extra):
-    """A frozen library dataclass from a config section; unknown keys are an error naming the valid ones."""
-    values = {**OmegaConf.to_container(node, resolve=True), **extra} if node is not None else dict(extra)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise SystemExit(f"config error: unknown key(s) {sorted(unknown)} for {cls.__name__}; valid: {sorted(fields)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def load_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="mend", overrides=overrides)
 
 
 # ---------------------------------------------------------------- commands
@@ -131,28 +118,40 @@ def _methods(cfg, model, names):
 
 
 def demo(cfg: DictConfig) -> None:
+    """Random held-out edits, printed as they come out with their metrics, then held-out edits singly
+    and many at once. `demo.seed` repeats a run (it is printed)."""
+    import random
+
     from mend.batching import tokenize_pairs
     from mend.editing import edited_weights
     from mend.evaluation import evaluate_method
-    from mend.metrics import greedy_decode
+    from mend.metrics import before_and_after, greedy_decode
 
     model, tok = _model(cfg)
     (mend,) = _methods(cfg, model, ["MEND"])
     records = _split(cfg, "test").records
-    print("\n== three single edits (each from the unedited model) ==")
-    for r in records[:3]:
-        deltas = mend.deltas(model, tok, [r])
+    seed = cfg.demo.seed if cfg.demo.seed is not None else random.randrange(10**6)
+    rng = random.Random(seed)
+    print(f"\nmodel {cfg.paths.base_model}, editor {cfg.paths.editor}")
+    print(f"== {cfg.demo.shown} random held-out edits (demo.seed={seed}), each applied alone to the unedited model ==")
+    for r in rng.sample(records, cfg.demo.shown):
+        weights = edited_weights(model, mend.deltas(model, tok, [r]))
         prompts = [r.prompt, *r.rephrase_prompt, *r.locality_prompt]
         p_ids, _ = tokenize_pairs(tok, prompts, ["x"] * len(prompts))
         before = greedy_decode(model, tok, p_ids, [3] * len(prompts))
-        after = greedy_decode(model, tok, p_ids, [3] * len(prompts), edited_weights(model, deltas))
+        after = greedy_decode(model, tok, p_ids, [3] * len(prompts), weights)
+        (pre,), (post,), _ = before_and_after(model, tok, [r], weights)
         print(f"\nedit: {r.prompt!r} -> {r.target_new!r} (was {r.ground_truth!r})")
-        for p, b, a in zip(prompts, before, after):
-            print(f"  {p!r:55} before: {tok.decode(b, skip_special_tokens=True)!r:22} after: {tok.decode(a, skip_special_tokens=True)!r}")
-    for size, n in ((1, 30), (10, 30)):
-        res = evaluate_method(model, tok, mend, records[:n], batch_size=size)
+        for kind, p, b, a in zip(["edit"] + ["paraphrase"] * len(r.rephrase_prompt) + ["unrelated"] * len(r.locality_prompt),
+                                 prompts, before, after):
+            print(f"  {kind:10} {p!r:50} before: {tok.decode(b, skip_special_tokens=True)!r:20} after: {tok.decode(a, skip_special_tokens=True)!r}")
+        print(f"  metrics (greedy exact match, before -> after): reliability {pre.reliability_em:.2f} -> {post.reliability_em:.2f}, "
+              f"generality {pre.generality_em:.2f} -> {post.generality_em:.2f}, locality (unchanged answers) {post.locality_em:.2f}")
+    sample = rng.sample(records, min(cfg.demo.edits, len(records)))
+    for size in (1, 10, len(sample)):
+        res = evaluate_method(model, tok, mend, sample, batch_size=size)
         s = res["post"]
-        print(f"\nMEND, {n} held-out edits, {size} per update (greedy exact match / teacher-forced):")
+        print(f"\nMEND, {len(sample)} random held-out edits, {size} per update (greedy exact match / teacher-forced):")
         for m in ("reliability", "generality", "locality"):
             print(f"  {m:12} {s[m + '_em']:.3f} / {s[m + '_tf']:.3f}")
         print(f"  latency per update: {res['latency_s'] * 1000:.1f} ms")
@@ -251,12 +250,63 @@ def bench(cfg: DictConfig) -> None:
     print(f"  start-up replay of the journal ({served['replayed_active']} active edits): {served['replay_s']:.1f} s")
 
 
+def ship(cfg: DictConfig) -> None:
+    """Store the built base model and editor (artifacts/) as the shipped defaults in data/default: model
+    weights in bf16, editor tensors in float32, each checked on `val` edits against the built copies
+    (recorded, not assumed), with their provenance: commit, config, metrics and sha256 of every file."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    from safetensors.torch import load_file, save_file
+
+    from mend.checkpoint import load_editor, read_meta
+    from mend.editing import MendMethod
+    from mend.evaluation import evaluate_method
+    from mend.models import load_model
+
+    built_model, built_editor = Path(cfg.paths.base_model), Path(cfg.paths.editor)
+    tmp = SHIPPED.with_name("default.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model, tok = load_model(built_model, device="cpu")
+    model.to(torch.bfloat16).save_pretrained(tmp / "base-model")
+    tok.save_pretrained(tmp / "base-model")
+    shutil.copy(built_model / "build_report.json", tmp / "base-model")
+    (tmp / "editor").mkdir(parents=True)
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(built_editor / "editor.safetensors").items()}
+    save_file(tensors, tmp / "editor" / "editor.safetensors")
+    shutil.copy(built_editor / "editor.json", tmp / "editor")
+
+    records = _split(cfg, "val").records[: cfg.train.val_edits]
+    measured = {}
+    for label, (m_path, e_path) in {"built": (built_model, built_editor), "shipped": (tmp / "base-model", tmp / "editor")}.items():
+        m, t = load_model(m_path, device=cfg.device)
+        method = MendMethod(load_editor(e_path, m))
+        measured[label] = {f"{n} per update": {k: v for k, v in evaluate_method(m, t, method, records, batch_size=n)["post"].items()
+                                               if k.endswith("_em")} for n in (1, 10, 100) if n <= len(records)}
+        print(f"{label:8} " + "; ".join(f"{n}: " + " / ".join(f"{v:.3f}" for v in r.values()) for n, r in measured[label].items()))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip())
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    provenance = {
+        "made_by": "mend build-base; mend train-editor; mend ship",
+        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("base_model", "editor", "train", "targets")},
+        "storage": "base model weights bf16 (loaded as float32), editor tensors float32",
+        "base_model": {k: v for k, v in json.loads((built_model / "build_report.json").read_text()).items() if k != "history"},
+        "editor_validation": read_meta(built_editor).get("validation"),
+        "val_edits_greedy_em": {"records": len(records), **measured},
+        "sha256": {str(f.relative_to(tmp)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
+    }
+    (tmp / "PROVENANCE.json").write_text(json.dumps(provenance, indent=1))
+    shutil.rmtree(SHIPPED, ignore_errors=True)
+    tmp.replace(SHIPPED)
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    print(f"shipped defaults -> {SHIPPED} ({size / 2**20:.1f} MiB)")
+
+
 def quickstart(cfg: DictConfig) -> None:
-    """Build what is missing, run the demo, then the gRPC server and its example client (the README's main job)."""
-    if not (Path(cfg.paths.base_model) / "config.json").is_file():
-        build_base(cfg)
-    if not (Path(cfg.paths.editor) / "editor.json").is_file():
-        train_editor_cmd(cfg)
+    """The README's main job: the demo, then the gRPC server and its example client."""
     demo(cfg)
     client_demo(cfg)
 
@@ -280,18 +330,22 @@ def loadtest(cfg: DictConfig) -> None:
 
 
 COMMANDS = {
-    "build-world": (build_world, "regenerate the synthetic world in data/"),
+    "build-world": (build_world, "regenerate the synthetic world (into the home; the shipped one stays)"),
     "build-base": (build_base, "train the default base model on the synthetic world"),
     "train-editor": (train_editor_cmd, "meta-train a MEND editor for the base model"),
     "demo": (demo, "apply example edits and print what changed"),
     "eval": (evaluate, "compare edit methods (batch and sequential editing): report, table, plots"),
     "bench": (bench, "edit latency next to one forward+backward pass"),
-    "quickstart": (quickstart, "build (quick profile unless told otherwise), train, demo, server + client"),
+    "ship": (ship, "store the built base model and editor as the shipped defaults (data/default), with provenance"),
+    "quickstart": (quickstart, "the demo, then the gRPC server and its example client (the shipped defaults unless built)"),
     "serve": (serve, "run the gRPC editing service (configs/server/default.yaml)"),
     "client-demo": (client_demo, "start the server and run the example client against it"),
     "loadtest": (loadtest, "ApplyEdit throughput and latency for 1/4/16 clients"),
 }
 
+
+BUILDS = {"build-world": ("world",), "build-base": ("base_model",), "train-editor": ("editor",),
+          "ship": ("base_model", "editor")}  # the paths each command writes (ship reads the built ones)
 
 JOURNAL_COMMANDS = {
     "edit": "apply a JSONL batch edit file to a server (--server ADDR) or locally",
@@ -302,21 +356,24 @@ JOURNAL_COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    config_dir = None
+    if argv[:1] == ["--config-dir"] and len(argv) > 1:  # before the command: `mend --config-dir DIR COMMAND ...`
+        config_dir, argv = argv[1], argv[2:]
     if argv and argv[0] in JOURNAL_COMMANDS:  # these take flags as well as key=value overrides
         from mend_cli.edit_file import run
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return run(argv[0], argv[1:], load_config)
-    parser = argparse.ArgumentParser(prog="mend", description="MEND model editing: build, train, edit, evaluate.")
+        return run(argv[0], argv[1:], functools.partial(load_config, config_dir=config_dir))
+    parser = argparse.ArgumentParser(prog="mend", description="MEND model editing: build, train, edit, evaluate.",
+                                     usage="mend [--config-dir DIR] COMMAND [key=value ...]",
+                                     epilog="--config-dir DIR: config files there replace the shipped ones of the same name "
+                                            "(mend.yaml, profile/NAME.yaml, ...).")
     parser.add_argument("command", choices=[*COMMANDS, *JOURNAL_COMMANDS],
                         help="; ".join([f"{k}: {v[1]}" for k, v in COMMANDS.items()] + [f"{k}: {v}" for k, v in JOURNAL_COMMANDS.items()]))
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (see configs/mend.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = list(args.overrides)
-    if args.command == "quickstart" and not any(o.startswith("profile=") for o in overrides):
-        overrides.append("profile=quick")
-    cfg = load_config(overrides)
+    cfg = load_config(list(args.overrides), BUILDS.get(args.command, ()), config_dir)
     torch.manual_seed(cfg.seed)
     from mend.errors import MendError
 

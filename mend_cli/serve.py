@@ -68,7 +68,8 @@ def client_demo_cmd(cfg: DictConfig) -> None:
 
 
 def loadtest_cmd(cfg: DictConfig) -> None:
-    """ApplyEdit load for 1/4/16 clients on a scratch journal, next to one forward+backward pass."""
+    """Resident memory with 0 / 100 / 1,000 active edits, then (from the base model again) ApplyEdit load
+    for 1/4/16 clients, on a scratch journal, next to one forward+backward pass."""
     import statistics
     import tempfile
 
@@ -82,11 +83,12 @@ def loadtest_cmd(cfg: DictConfig) -> None:
         server = _in_process_server(cfg, journal)
         try:
             address = f"127.0.0.1:{server.port}"
-            rows = [run_load(address, records, n, cfg.loadtest.requests, cfg.loadtest.max_seconds) for n in cfg.loadtest.clients]
             service = server.holder.service
+            memory = memory_profile(address, records + world.edit_split("val").records, Path(journal), cfg.loadtest.memory_edits)
+            service.rollback_to(0)
+            rows = [run_load(address, records, n, cfg.loadtest.requests, cfg.loadtest.max_seconds) for n in cfg.loadtest.clients]
             with service.state.lock.read():
                 fwd_bwd = statistics.median(forward_backward_seconds(service.model, service.tokenizer, r) for r in records[:21])
-            memory = memory_profile(address, records + world.edit_split("val").records, Path(journal), cfg.loadtest.memory_edits)
         finally:
             server.stop(2)
     print(format_rows(rows))

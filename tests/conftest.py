@@ -7,6 +7,11 @@ import os
 # spinning threads made the tests ~30x slower
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import tempfile
+
+# everything a command writes without a given path goes to a scratch home, never the user's
+os.environ["MEND_HOME"] = tempfile.mkdtemp(prefix="mend-test-home-")
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

@@ -13,6 +13,7 @@ from pathlib import Path
 from mend.data.world import World
 from mend.errors import ConfigError
 from mend.records import EditRecord, EditSplit, Fact
+from mend.resources import WORLD
 
 log = logging.getLogger(__name__)
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # the default paths.shared_data
@@ -78,7 +79,7 @@ def dataset_path(dataset: str, split: str, path: str | None = None, shared_data:
     if path:
         return str(path)
     if dataset == "synthetic":
-        return "data/synthetic_world.json"
+        return str(WORLD)
     return shared_file("counterfact_val" if dataset == "counterfact" and split == "test" else dataset, shared_data)
 
 
