@@ -72,9 +72,13 @@ def edit_factors(model, targets: list[EditTarget], batch: TargetBatch,
 
 
 @torch.no_grad()
-def layer_inputs(model, targets: list[EditTarget], batch: TargetBatch) -> dict[str, torch.Tensor]:
-    """{param_name: (N, fan_in)}: each target layer's input at every non-pad token of `batch`."""
+def layer_inputs(model, targets: list[EditTarget], batch: TargetBatch, at_predictions: bool = False) -> dict[str, torch.Tensor]:
+    """{param_name: (N, fan_in)}: each target layer's input at every non-pad token of `batch`, or only
+    where the next token is a target token (`at_predictions`: the prompt's last token and the answer's)."""
     with capture(model, targets) as store:
         logits(model, batch)
     keep = batch.attention_mask.bool()
+    if at_predictions:
+        keep = torch.zeros_like(keep)
+        keep[:, :-1] = batch.target_mask
     return {t.param_name: store[t.param_name].u[keep].float() for t in targets}

@@ -77,14 +77,18 @@ def _locality_facts(pool: list[Fact], records: list[EditRecord], n: int, rng: ra
 
 
 def observe_preserved(model, tokenizer, editor: MendEditor, facts: list[Fact], batch_size: int = 64) -> None:
-    """Accumulate each layer's C₀ from the keys of unedited true facts (prompt and answer tokens)."""
+    """Accumulate each layer's C₀ from the keys of unedited true facts where the model predicts their
+    answer (the prompt's last token and the answer's tokens). An edit is written at the same
+    positions of its own prompt, whose keys differ from other subjects' mostly in a few directions:
+    C₀ of all tokens spends its weight on prompt words no edit changes (measured: at the same
+    reliability of 100 edits at once, locality 0.74 instead of 0.63 on `val`)."""
     if not facts:
         raise ConfigError("no unedited facts to estimate the preserved-key covariance C₀ from: the split's locality pool is empty")
     device = next(model.parameters()).device
     for i in range(0, len(facts), batch_size):
         chunk = facts[i : i + batch_size]
         batch = encode(tokenizer, [f.prompt for f in chunk], [f.answer for f in chunk]).to(device)
-        editor.observe_preserved(layer_inputs(model, editor.targets, batch))
+        editor.observe_preserved(layer_inputs(model, editor.targets, batch, at_predictions=True))
 
 
 def meta_loss(model, editor: MendEditor, tokenizer, records: list[EditRecord], loc: list[Fact], cfg: TrainConfig,

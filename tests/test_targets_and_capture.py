@@ -64,3 +64,18 @@ def test_hooks_are_removed_even_when_the_body_fails(gpt2):
     assert all(len(modules[t.name]._forward_hooks) == 0 for t in targets)
     edit_factors(model, targets, encode(tok, ["a"], ["b"]))
     assert all(len(modules[t.name]._forward_hooks) == 0 for t in targets)
+
+
+def test_layer_inputs_at_prediction_positions_are_the_rows_that_predict_the_answer(gpt2):
+    from mend.batching import encode
+    from mend.capture import layer_inputs
+    from mend.targets import resolve_targets
+
+    model, tok = gpt2
+    targets = resolve_targets(model, n_last_blocks=1)
+    batch = encode(tok, ["Alpha was born in", "Beta speaks"], ["Drelkio", "Rosish"])
+    every, at = layer_inputs(model, targets, batch), layer_inputs(model, targets, batch, at_predictions=True)
+    for name in every:
+        assert every[name].shape[0] == int(batch.attention_mask.sum()) and at[name].shape[0] == int(batch.target_mask.sum())
+        last_prompt = int(batch.target_mask[0].nonzero()[0])  # first row predicting edit 0's answer: its prompt's last token
+        assert torch.equal(at[name][0], every[name][last_prompt])
