@@ -251,9 +251,10 @@ def bench(cfg: DictConfig) -> None:
 
 
 def ship(cfg: DictConfig) -> None:
-    """Store the built base model and editor (artifacts/) as the shipped defaults in data/default: model
-    weights in bf16, editor tensors in float32, each checked on `val` edits against the built copies
-    (recorded, not assumed), with their provenance: commit, config, metrics and sha256 of every file."""
+    """Store the built base model and editor (under the home) as the shipped defaults in data/default:
+    model weights in float32, the editor networks' weights in bf16 (its C₀, normalisation statistics
+    and steps in float32), checked on `val` edits against the built copies (recorded, not assumed),
+    with their provenance: commit, config, metrics and sha256 of every file."""
     import hashlib
     import shutil
     import subprocess
@@ -269,11 +270,12 @@ def ship(cfg: DictConfig) -> None:
     tmp = SHIPPED.with_name("default.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model, tok = load_model(built_model, device="cpu")
-    model.to(torch.bfloat16).save_pretrained(tmp / "base-model")
+    model.save_pretrained(tmp / "base-model")
     tok.save_pretrained(tmp / "base-model")
     shutil.copy(built_model / "build_report.json", tmp / "base-model")
     (tmp / "editor").mkdir(parents=True)
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in load_file(built_editor / "editor.safetensors").items()}
+    tensors = {k: (v.bfloat16() if k.startswith("nets.") else v.float()) if v.is_floating_point() else v
+               for k, v in load_file(built_editor / "editor.safetensors").items()}
     save_file(tensors, tmp / "editor" / "editor.safetensors")
     shutil.copy(built_editor / "editor.json", tmp / "editor")
 
@@ -292,7 +294,7 @@ def ship(cfg: DictConfig) -> None:
         "made_by": "mend build-base; mend train-editor; mend ship",
         "commit": commit + (" (with uncommitted changes)" if dirty else ""),
         "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("base_model", "editor", "train", "targets")},
-        "storage": "base model weights bf16 (loaded as float32), editor tensors float32",
+        "storage": "base model float32; editor networks bf16 (loaded as float32), C0, norms and steps float32",
         "base_model": {k: v for k, v in json.loads((built_model / "build_report.json").read_text()).items() if k != "history"},
         "editor_validation": read_meta(built_editor).get("validation"),
         "val_edits_greedy_em": {"records": len(records), **measured},
