@@ -194,8 +194,12 @@ def before_and_after(model, tokenizer, records: list[EditRecord], weights: Weigh
     miss_top1 = pre[len(tp):]
     greedy = _greedy_from_top1(model, tokenizer, [k[0] for k in missing], [k[1] for k in missing], miss_top1)
     ref = {**{k: known[k] for k in keys if k in known}, **dict(zip(missing, zip(miss_top1, greedy)))}
-    post = [x.tolist() for x in score_ids(model, tokenizer, tp + lp + lp, tt + la + [ref[k][1] for k in keys], weights)]
-    post_tf, post_em = post[len(tp) : len(tp) + len(lp)], post[len(tp) + len(lp):]
+    uniq = list(dict.fromkeys(keys))  # edits measured together often share locality prompts (the server-held ones)
+    post = [x.tolist() for x in score_ids(model, tokenizer, tp + [list(k[0]) for k in uniq] * 2,
+                                          tt + [list(k[1]) for k in uniq] + [ref[k][1] for k in uniq], weights)]
+    after_tf = dict(zip(uniq, post[len(tp) : len(tp) + len(uniq)]))
+    after_em = dict(zip(uniq, post[len(tp) + len(uniq):]))
+    post_tf, post_em = [after_tf[k] for k in keys], [after_em[k] for k in keys]
 
     def hits(pred, target):  # the arithmetic of target_scores and _locality_after (float32 means), so numbers agree exactly
         matched = torch.tensor([a == b for a, b in zip(pred, target)], dtype=torch.float32)

@@ -58,6 +58,7 @@ class ServiceLimits:
     max_new_tokens: int = 64
     locality_tokens: int = 4  # answer length taken from the model for a locality prompt given without one
     n_reference_locality: int = 8  # server-held locality prompts used when an edit brings none
+    coalesce_ms: float = 5.0  # how long the writer lets a burst of single edits join one update, at most
 
     def __post_init__(self) -> None:
         if min(self.max_prompt_chars, self.max_target_chars, self.max_edits_per_call, self.max_new_tokens, self.locality_tokens) < 1:
@@ -244,14 +245,30 @@ class EditService:
         with self.state.lock.write():
             if call.result is None and call.error is None:  # not yet applied by another caller's update
                 if call.coalesce:
-                    with self._queue_lock:
-                        group, self._queue = self._queue, []
+                    group = self._gather()
                 else:
                     group = [call]
                 self._apply_group(group)
         if call.error is not None:
             raise call.error
         return call.result
+
+    def _gather(self) -> list["_Call"]:
+        """The queued single edits, once a burst of arrivals has joined: while the queue keeps growing,
+        wait in 1 ms steps, at most `limits.coalesce_ms` (a lone caller waits 1 ms). Clients that send
+        their next edit as soon as a reply comes back arrive within a few ms of each other; without
+        the wait the first of them would take the writer alone."""
+        end, seen = time.monotonic() + self.limits.coalesce_ms / 1000, -1
+        while time.monotonic() < end:
+            with self._queue_lock:
+                n = len(self._queue)
+            if n == seen:
+                break
+            seen = n
+            time.sleep(0.001)
+        with self._queue_lock:
+            group, self._queue = self._queue, []
+        return group
 
     def _replayed(self, call: "_Call") -> ApplyResult | None:
         """The original result when the call's request_id was applied before; a request_id (or per-edit
