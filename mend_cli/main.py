@@ -307,6 +307,13 @@ def ship(cfg: DictConfig) -> None:
     print(f"shipped defaults -> {SHIPPED} ({size / 2**20:.1f} MiB)")
 
 
+def rebuild(cfg: DictConfig) -> None:
+    """The default base model and its editor from scratch, into the home (then used instead of the
+    shipped ones; `mend ship` stores them as the new shipped defaults)."""
+    build_base(cfg)
+    train_editor_cmd(cfg)
+
+
 def quickstart(cfg: DictConfig) -> None:
     """The README's main job: the demo, then the gRPC server and its example client."""
     demo(cfg)
@@ -338,6 +345,7 @@ COMMANDS = {
     "demo": (demo, "apply example edits and print what changed"),
     "eval": (evaluate, "compare edit methods (batch and sequential editing): report, table, plots"),
     "bench": (bench, "edit latency next to one forward+backward pass"),
+    "rebuild": (rebuild, "build the base model and train its editor from scratch (~40 min on 2 cores), into the home"),
     "ship": (ship, "store the built base model and editor as the shipped defaults (data/default), with provenance"),
     "quickstart": (quickstart, "the demo, then the gRPC server and its example client (the shipped defaults unless built)"),
     "serve": (serve, "run the gRPC editing service (configs/server/default.yaml)"),
@@ -346,7 +354,7 @@ COMMANDS = {
 }
 
 
-BUILDS = {"build-world": ("world",), "build-base": ("base_model",), "train-editor": ("editor",),
+BUILDS = {"build-world": ("world",), "build-base": ("base_model",), "train-editor": ("editor",), "rebuild": ("base_model", "editor"),
           "ship": ("base_model", "editor")}  # the paths each command writes (ship reads the built ones)
 
 JOURNAL_COMMANDS = {
