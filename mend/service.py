@@ -95,7 +95,7 @@ class _Update:
     calls: list[_Call]
     records: list[EditRecord]
     kvs: list[KeyValues]
-    new: dict[int, KeyValues]
+    facts: dict[int, tuple]  # each new edit's superseding keys, by seq
     states: dict[int, EditState]
     change: Change
     weights: dict[str, torch.Tensor]
@@ -122,7 +122,7 @@ class EditService:
         self.info = dict(info or {})
         bases = {t.param_name: editor.base_system(t.param_name).detach() for t in targets} if editor is not None else None
         self.state = EditableModel(model, targets, bases)
-        self._locality = LocalityCache()  # the live weights' predictions on locality prompts, for one revision
+        self._locality_cache = LocalityCache()  # the live weights' predictions on locality prompts, for one revision
         self._queue: list[_Call] = []  # single edits waiting for the writer (coalesced)
         self._queue_lock = threading.Lock()
         self.on_update: Callable[[int, int], None] | None = None  # (calls, edits) of every update written: metrics
@@ -342,47 +342,36 @@ class EditService:
         records = [r for c in kept for r in c.records]
         first = self.journal.next_seq()
         new = dict(zip(range(first, first + len(records)), kept_kvs))
-        self._facts.update(zip(new, (r.fact_keys() for r in records)))
-        try:
-            states, change = self._transition(set(self._states) | set(new), new)
-            weights = self.state.weights(change)
-            pre, post, following = [None] * len(records), [None] * len(records), {}
-            wanted = [i for i, c in enumerate(c for c in kept for _ in c.records) if c.metrics]
-            if wanted:
-                cache = self._locality if self._locality.revision == self.revision else None
-                measured = [self._measured(records[i]) for i in wanted]
-                before, after, following = before_and_after(self.model, self.tokenizer, measured, weights, cache)
-                for i, b, a in zip(wanted, before, after):
-                    pre[i], post[i] = b, a
-        except BaseException:
-            for s in new:
-                del self._facts[s]
-            raise
-        return _Update(kept, records, kept_kvs, new, states, change, weights, pre, post, following)
+        facts = dict(zip(new, (r.fact_keys() for r in records)))
+        states, change = self._transition(set(self._states) | set(new), new, facts)
+        weights = self.state.weights(change)
+        pre, post, following = [None] * len(records), [None] * len(records), {}
+        wanted = [i for i, c in enumerate(c for c in kept for _ in c.records) if c.metrics]
+        if wanted:
+            cache = self._locality_cache if self._locality_cache.revision == self.revision else None
+            measured = [self._measured(records[i]) for i in wanted]
+            before, after, following = before_and_after(self.model, self.tokenizer, measured, weights, cache)
+            for i, b, a in zip(wanted, before, after):
+                pre[i], post[i] = b, a
+        return _Update(kept, records, kept_kvs, facts, states, change, weights, pre, post, following)
 
     def _write(self, calls: list["_Call"]) -> None:
         """Journal one update of `calls` as one revision, then make it live."""
         u = self._prepare(calls)
         if not u.calls:
             return
-        journaled = False
-        try:
-            lone = len(u.calls) == 1 and not u.calls[0].coalesce  # a call of several edits: idempotent by its request_id
-            if len(u.calls) == 1:
-                self._check_deadline(u.calls[0].deadline)
-            revision, edits = self.journal.append_edits(
-                u.records, u.kvs, [_clean(m) for m in u.pre], [_clean(m) for m in u.post], self.info.get("editor_hash", ""),
-                u.calls[0].request_id if lone else "", u.calls[0].fingerprint if lone else "",
-                [k for c in u.calls for k in c.keys], u.states, [c.author for c in u.calls for _ in c.records],
-                [None if lone else c.fingerprint for c in u.calls for _ in c.records])
-            journaled = True
-        finally:
-            if not journaled:
-                for s in u.new:
-                    del self._facts[s]
+        lone = len(u.calls) == 1 and not u.calls[0].coalesce  # a call of several edits: idempotent by its request_id
+        if len(u.calls) == 1:
+            self._check_deadline(u.calls[0].deadline)
+        revision, edits = self.journal.append_edits(
+            u.records, u.kvs, [_clean(m) for m in u.pre], [_clean(m) for m in u.post], self.info.get("editor_hash", ""),
+            u.calls[0].request_id if lone else "", u.calls[0].fingerprint if lone else "",
+            [k for c in u.calls for k in c.keys], u.states, [c.author for c in u.calls for _ in c.records],
+            [None if lone else c.fingerprint for c in u.calls for _ in c.records])
+        self._facts.update(u.facts)
         self._commit(u.states, u.change, u.weights)
         self.revision = revision
-        self._locality = LocalityCache(revision, u.following)
+        self._locality_cache = LocalityCache(revision, u.following)
         i = 0
         for c in u.calls:
             c.result, i = ApplyResult(revision, edits[i : i + len(c.records)], replayed=False), i + len(c.records)
@@ -395,20 +384,20 @@ class EditService:
             raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
         self._check_deadline(call.deadline)
         u = self._prepare([call])
-        for s in u.new:
-            del self._facts[s]
         now, editor = time.time(), self.info.get("editor_hash", "")
         return ApplyResult(self.revision, [JournalEdit(0, "", self.revision, r, _clean(b), _clean(a), False, None, "", editor, k, now, call.author)
                                            for r, b, a, k in zip(u.records, u.pre, u.post, call.keys)], replayed=False)
 
-    def _transition(self, live: set[int], new: dict[int, KeyValues] | None = None) -> tuple[dict[int, EditState], Change]:
-        """For the edits that will be live (applied, not rolled back): the state changes (newest first, an
-        edit is superseded by the newest live edit sharing a fact key with it) and the proposed
-        weight change. Nothing is written."""
+    def _transition(self, live: set[int], new: dict[int, KeyValues] | None = None,
+                    new_facts: dict[int, tuple] | None = None) -> tuple[dict[int, EditState], Change]:
+        """For the edits that will be live (applied, not rolled back; `new` ones with their fact keys
+        `new_facts`): the state changes (newest first, an edit is superseded by the newest live edit
+        sharing a fact key with it) and the proposed weight change. Nothing is written."""
+        facts = {**self._facts, **(new_facts or {})}
         resolved: dict[int, EditState] = {}
         owner: dict[tuple, int] = {}
         for s in sorted(live, reverse=True):
-            keys = self._facts[s]
+            keys = facts[s]
             by = next((owner[k] for k in keys if k in owner), None)
             resolved[s] = EditState(by is None, by)
             if by is None:
