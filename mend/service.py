@@ -312,6 +312,9 @@ class EditService:
             for c in repeats:
                 try:
                     c.result = self._replayed(c)
+                    if c.result is None:  # its first attempt failed in this same update
+                        raise StateConflictError(f"request_id {c.request_id!r}: an earlier attempt queued in the same update "
+                                                 "failed; nothing was applied, retry")
                 except MendError as e:
                     c.error = e
         except BaseException as e:  # a failure of the whole update (journal, device): every call waiting on it gets it

@@ -300,6 +300,18 @@ def test_edits_waiting_for_the_writer_share_one_revision_and_a_bad_one_fails_alo
     assert 'mend_coalesced_calls_bucket{le="2.0"} 2.0' in text and "mend_coalesced_calls_count 2.0" in text
 
 
+def test_a_retry_queued_behind_its_first_attempt_is_replayed(start, records):
+    server, client = start()
+    request = pb.ApplyEditRequest(edit=pb.EditSpec(prompt=records[0].prompt, target_new="Zed"), request_id="once")
+    with server.holder.service.state.lock.write():
+        futures = [client.stub.ApplyEdit.future(request) for _ in range(2)]
+        while len(server.holder.service._queue) < 2:
+            pass
+    first, retry = (f.result() for f in futures)
+    assert first.edit_id == retry.edit_id and {first.replayed, retry.replayed} == {False, True}
+    assert client.info().model_revision == 1 and len(client.edits()) == 1
+
+
 def test_overload_is_resource_exhausted(start, records):
     server, client = start(max_concurrent=1)
     with server.holder.service.state.lock.write():  # hold the model so the first call stays in flight
