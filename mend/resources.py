@@ -29,7 +29,6 @@ def packaged(name: str) -> Path:
 CONFIGS = packaged("configs")
 DATA = packaged("data")
 WORLD = DATA / "synthetic_world.json"  # the synthetic world the default model knows
-SAMPLE_EDITS = DATA / "sample_edits.jsonl"
 SHIPPED = DATA / "default"  # the trained default base model and editor (made by `mend ship`)
 
 

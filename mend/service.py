@@ -302,8 +302,7 @@ class EditService:
                         repeats.append(c)  # a retry queued behind its own first attempt
                     else:
                         self._check_deadline(c.deadline)
-                        if self.method is None:
-                            raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
+                        self._require_editor()
                         todo.append(c)
                 except MendError as e:
                     c.error = e
@@ -383,8 +382,7 @@ class EditService:
 
     def _preview(self, call: "_Call") -> ApplyResult:
         """A dry run: what `call` would do now, as edits that are not in the journal."""
-        if self.method is None:
-            raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
+        self._require_editor()
         self._check_deadline(call.deadline)
         u = self._prepare([call])
         now, editor = time.time(), self.info.get("editor_hash", "")
@@ -423,6 +421,10 @@ class EditService:
             else:
                 self._states.pop(s, None)
                 self._facts.pop(s, None)
+
+    def _require_editor(self) -> None:
+        if self.method is None:
+            raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
 
     @staticmethod
     def _check_deadline(deadline: float | None) -> None:

@@ -7,7 +7,6 @@ turned into the library's typed dataclasses, which is all the library ever sees.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import logging
