@@ -45,3 +45,7 @@ class UnstableEditError(StateConflictError):
     """The editor produced a non-finite update, or one that would make the weights non-finite.
     MEND editors are meta-trained on edits of the base model; after many accumulated edits the
     inputs drift out of their range (see the sequential rows of `mend eval`)."""
+
+
+class NotLeaderError(StateConflictError):
+    """A write was sent to a read replica; the message names the leader that takes writes."""

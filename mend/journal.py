@@ -1,58 +1,180 @@
-"""The durable edit journal: SQLite (WAL) for records, one safetensors file of keys and values per edit.
+"""The durable edit journal: SQLite (the embedded default) or PostgreSQL, one schema, one code path.
+
+`paths.journal` is a directory (SQLite in WAL mode, synchronous=FULL, `journal.sqlite3`) or a
+`postgresql://` URL (psycopg 3; leaders and replicas of one served model share it).
 
 Tables
-- `meta`: the base model's hash the journal belongs to.
+- `meta`: the base model's hash the journal belongs to, and the format.
 - `revisions`: one row per state change (revision 0 is the base model, never stored): an `apply`
   of one or more edits, a `rollback` of one edit, or a `rollback_to` an earlier revision, with its
   `author` (the name of the caller's token; "anonymous" when auth is off). `request_id` (unique)
   makes a call of several edits idempotent; `fingerprint` detects a reused id.
-- `edits`: one immutable row per edit, in application order (`seq`), pointing to its file of keys
-  and values per layer (`mend.aggregation`), with its `author` and its own `request_id` (unique when
-  given; batch edit files use it to resume; a single edit's call is idempotent by it, with the
-  edit's `fingerprint`: edits of several callers can share one revision).
+- `edits`: one immutable row per edit, in application order (`seq`), with its keys and values per
+  layer (`mend.aggregation`) as safetensors bytes in `data`, its `author` and its own `request_id`
+  (unique when given; batch edit files use it to resume; a single edit's call is idempotent by it,
+  with the edit's `fingerprint`: edits of several callers can share one revision).
 - `events`: each revision's changes of edit states: active, superseded (by a newer edit of the
   same fact: `superseded_by`), or rolled back. An edit's state at any revision is its last event up
   to it, so any past state can be restored exactly, and replaying the revisions in order repeats
   every change of the weights.
 
-Durability: a file of keys and values is written to a temporary name, fsynced and renamed before the
-transaction that references it commits (synchronous=FULL). A crash before the commit leaves an
-unreferenced file, removed at the next open; after it, the edit is complete on disk.
+Durability: a revision, its edits and their keys and values are one transaction, committed before
+the call that made it returns. One writer: on PostgreSQL the writing server holds an advisory lock
+for its lifetime (a second writer is refused at start), every write transaction takes it too, and
+the commit notifies channel `mend_journal` with the new revision, which replicas LISTEN on.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from mend.aggregation import KeyValues
 from mend.errors import EditNotFoundError, StateConflictError
 from mend.records import EditRecord
 
-FORMAT = "3"  # 3: authors, per-edit fingerprints (2: without; upgraded in place); 1: summed rank-1 factors
+FORMAT = "4"  # 4: keys and values in the database; 3: one safetensors file per edit; 2: without authors (both upgraded in place)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS revisions (
     revision INTEGER PRIMARY KEY, kind TEXT NOT NULL, request_id TEXT UNIQUE, fingerprint TEXT,
-    created REAL NOT NULL, author TEXT NOT NULL DEFAULT '');
+    created DOUBLE PRECISION NOT NULL, author TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS edits (
     seq INTEGER PRIMARY KEY, edit_id TEXT UNIQUE NOT NULL, revision INTEGER NOT NULL,
-    record TEXT NOT NULL, pre TEXT NOT NULL, post TEXT NOT NULL, factors_file TEXT NOT NULL,
+    record TEXT NOT NULL, pre TEXT NOT NULL, post TEXT NOT NULL, data {blob} NOT NULL,
     editor_hash TEXT NOT NULL, request_id TEXT, author TEXT NOT NULL DEFAULT '', fingerprint TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS edit_request_ids ON edits (request_id) WHERE request_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     revision INTEGER NOT NULL, seq INTEGER NOT NULL, active INTEGER NOT NULL, superseded_by INTEGER,
     PRIMARY KEY (revision, seq));
-CREATE INDEX IF NOT EXISTS events_by_seq ON events (seq, revision);
+CREATE INDEX IF NOT EXISTS events_by_seq ON events (seq, revision)
 """
+
+EDIT_COLUMNS = "seq, edit_id, revision, record, pre, post, data, editor_hash, request_id, author, fingerprint"
+CHANNEL = "mend_journal"  # PostgreSQL: NOTIFY channel of new revisions
+WRITER_LOCK = 0x6D656E64  # PostgreSQL: advisory lock key held by the one writer ("mend")
+
+
+def is_url(location: str | Path) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def redacted(location: str | Path) -> str:
+    """The journal's location for logs: a URL without its password."""
+    text = str(location)
+    if not is_url(text) or "@" not in text:
+        return text
+    scheme, rest = text.split("://", 1)
+    user, host = rest.rsplit("@", 1)
+    return f"{scheme}://{user.split(':', 1)[0]}:***@{host}" if ":" in user else text
+
+
+class _SQLite:
+    """The embedded default: one file in a directory."""
+
+    blob = "BLOB"
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(directory / "journal.sqlite3", check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+
+    def execute(self, sql: str, args=()):
+        return self.conn.execute(sql, args)
+
+    def executemany(self, sql: str, rows) -> None:
+        self.conn.executemany(sql, rows)
+
+    @contextmanager
+    def transaction(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def notify(self, revision: int) -> None:  # readers poll
+        pass
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(timeout)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Postgres:
+    """A PostgreSQL database (psycopg 3), shared by the writing server and its replicas."""
+
+    blob = "BYTEA"
+
+    def __init__(self, url: str, writer: bool):
+        import psycopg
+
+        self.psycopg, self.url, self.writer = psycopg, url, writer
+        self.conn = self._connect()
+        self._listener = None
+
+    def _connect(self):
+        try:
+            conn = self.psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except self.psycopg.OperationalError as e:
+            raise StateConflictError(f"cannot connect to the journal database {redacted(self.url)}: {e}".strip()) from None
+        if self.writer and not conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK,)).fetchone()[0]:
+            conn.close()
+            raise StateConflictError(f"another server is writing to the journal {redacted(self.url)}: send edits to it, "
+                                     "or start this one as a replica (server.role=replica)")
+        return conn
+
+    def _live(self):
+        if self.conn.broken:  # the database restarted: reconnect (and take the writer's lock again)
+            self.conn = self._connect()
+        return self.conn
+
+    def execute(self, sql: str, args=()):
+        return self._live().execute(sql.replace("?", "%s"), args)
+
+    def executemany(self, sql: str, rows) -> None:
+        with self._live().cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), rows)
+
+    @contextmanager
+    def transaction(self):
+        with self._live().transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))  # writes one at a time, schema included
+            yield
+
+    def notify(self, revision: int) -> None:  # inside the write transaction: delivered at its commit
+        self.conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
+
+    def wait(self, timeout: float) -> None:
+        """Until a revision is committed (LISTEN), or `timeout` seconds: polling stays the fallback."""
+        try:
+            if self._listener is None or self._listener.broken:
+                self._listener = self.psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+                self._listener.execute(f"LISTEN {CHANNEL}")
+            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                pass
+        except self.psycopg.OperationalError:
+            self._listener = None
+            time.sleep(timeout)
+
+    def close(self) -> None:
+        for conn in (self.conn, self._listener):
+            if conn is not None:
+                conn.close()
 
 
 @dataclass(frozen=True)
@@ -89,58 +211,59 @@ class JournalEdit:
     rolled_back_by: str = ""  # who rolled it back, when it is rolled back
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class EditJournal:
-    def __init__(self, directory: str | Path, base_model_hash: str):
-        self.dir = Path(directory)
-        self.factors_dir = self.dir / "factors"
-        self.factors_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, location: str | Path, base_model_hash: str, writer: bool = True):
+        """`location`: a directory (SQLite) or a postgresql:// URL. `writer=False` (a replica) only reads."""
+        self.location = redacted(location)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.dir / "journal.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        fmt = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-        row = self._db.execute("SELECT value FROM meta WHERE key='base_model_hash'").fetchone()
-        if row is not None and fmt is not None and fmt[0] == "2":  # add the columns of format 3; old writes have no author
-            for table, column in (("revisions", "author TEXT NOT NULL DEFAULT ''"), ("edits", "author TEXT NOT NULL DEFAULT ''"),
-                                  ("edits", "fingerprint TEXT")):
-                if column.split()[0] not in {c[1] for c in self._db.execute(f"PRAGMA table_info({table})")}:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
-            self._db.execute("UPDATE meta SET value=? WHERE key='format'", (FORMAT,))
-            fmt = (FORMAT,)
-        if row is not None and (fmt is None or fmt[0] != FORMAT):
+        self._db = _Postgres(str(location), writer) if is_url(location) else _SQLite(Path(location))
+        try:
+            self._open(location, base_model_hash)
+        except BaseException:
             self._db.close()
-            raise StateConflictError(f"the journal at {self.dir} was written by an older version (format {fmt[0] if fmt else 1}, "
-                                     f"not {FORMAT}): give the server a new journal directory and re-apply its edits")
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('base_model_hash', ?)", (base_model_hash,))
-            self._db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
-        elif row[0] != base_model_hash:
-            self._db.close()
-            raise StateConflictError(
-                f"the journal at {self.dir} belongs to base model {row[0][:12]}, not {base_model_hash[:12]}: "
-                "point the server at that model, or give it a new journal directory"
-            )
-        self._remove_orphans()
+            raise
+
+    def _open(self, location, base_model_hash: str) -> None:
+        db = self._db
+        with db.transaction():
+            for statement in SCHEMA.format(blob=db.blob).split(";"):
+                db.execute(statement)
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                db.executemany("INSERT INTO meta VALUES (?, ?)", [("base_model_hash", base_model_hash), ("format", FORMAT)])
+                meta = {"base_model_hash": base_model_hash, "format": FORMAT}
+        if isinstance(db, _SQLite) and meta.get("format") in ("2", "3"):
+            self._upgrade(Path(location), meta["format"])
+            meta["format"] = FORMAT
+        if meta.get("format") != FORMAT:
+            raise StateConflictError(f"the journal at {self.location} was written by an older version (format {meta.get('format', 1)}, "
+                                     f"not {FORMAT}): give the server a new journal directory (or database) and re-apply its edits")
+        if meta["base_model_hash"] != base_model_hash:
+            raise StateConflictError(f"the journal at {self.location} belongs to base model {meta['base_model_hash'][:12]}, "
+                                     f"not {base_model_hash[:12]}: point the server at that model, or give it a new journal directory (or database)")
+
+    def _upgrade(self, directory: Path, fmt: str) -> None:
+        """An SQLite journal of format 2 (no authors) or 3 (keys and values in files under factors/): to format 4."""
+        db, factors = self._db, directory / "factors"
+        with db.transaction():
+            if fmt == "2":
+                for table, column in (("revisions", "author TEXT NOT NULL DEFAULT ''"), ("edits", "author TEXT NOT NULL DEFAULT ''"),
+                                      ("edits", "fingerprint TEXT")):
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            db.execute("ALTER TABLE edits ADD COLUMN data BLOB")
+            for seq, name in db.execute("SELECT seq, factors_file FROM edits").fetchall():
+                db.execute("UPDATE edits SET data=? WHERE seq=?", ((factors / name).read_bytes(), seq))
+            db.execute("ALTER TABLE edits DROP COLUMN factors_file")
+            db.execute("UPDATE meta SET value=? WHERE key='format'", (FORMAT,))
+        shutil.rmtree(factors, ignore_errors=True)  # after the commit: their bytes are in the database now
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _remove_orphans(self) -> None:
-        """Factor files (and temporaries) of transactions that never committed."""
-        known = {r[0] for r in self._db.execute("SELECT factors_file FROM edits")}
-        for f in self.factors_dir.iterdir():
-            if f.name not in known:
-                f.unlink()
+    def wait(self, timeout: float) -> None:
+        """Block until another process may have written a revision (PostgreSQL: NOTIFY), at most `timeout` s."""
+        self._db.wait(timeout)
 
     # ------------------------------------------------------------------ reads
 
@@ -178,18 +301,15 @@ class EditJournal:
                                     (revision,)).fetchall()
         return {seq: EditState(bool(active), by) for seq, active, by in rows}
 
-    def history(self):
-        """(revision, {seq: active after it}) for every revision that changed the active set, in order:
-        replaying these changes repeats every change the weights went through."""
+    def changes(self, after: int, upto: int) -> list[tuple[int, dict[int, EditState]]]:
+        """(revision, {seq: new state}) of every revision in (after, upto] that changed a state, in order."""
         with self._lock:
-            rows = self._db.execute("SELECT revision, seq, active FROM events ORDER BY revision, seq").fetchall()
-        state: dict[int, bool] = {}
-        changes: dict[int, dict[int, bool]] = {}
-        for revision, seq, active in rows:
-            if state.get(seq, False) != bool(active):
-                changes.setdefault(revision, {})[seq] = bool(active)
-            state[seq] = bool(active)
-        return sorted(changes.items())
+            rows = self._db.execute("SELECT revision, seq, active, superseded_by FROM events WHERE revision>? AND revision<=? "
+                                    "ORDER BY revision, seq", (after, upto)).fetchall()
+        out: dict[int, dict[int, EditState]] = {}
+        for revision, seq, active, by in rows:
+            out.setdefault(revision, {})[seq] = EditState(bool(active), by)
+        return list(out.items())
 
     def next_seq(self) -> int:
         """The sequence number the next applied edit gets (the caller serialises applies)."""
@@ -229,10 +349,10 @@ class EditJournal:
 
     def load_key_values(self, seq: int) -> KeyValues:
         with self._lock:
-            row = self._db.execute("SELECT factors_file FROM edits WHERE seq=?", (seq,)).fetchone()
+            row = self._db.execute("SELECT data FROM edits WHERE seq=?", (seq,)).fetchone()
         if row is None:
             raise EditNotFoundError(f"no edit with sequence number {seq}")
-        flat = load_file(self.factors_dir / row[0])
+        flat = load(bytes(row[0]))
         names = sorted({k.rsplit(".", 1)[0] for k in flat})
         return {n: (flat[f"{n}.keys"], flat[f"{n}.values"]) for n in names}
 
@@ -250,53 +370,30 @@ class EditJournal:
         keys = edit_request_ids or [""] * len(records)
         authors = authors or ["anonymous"] * len(records)
         fingerprints = fingerprints or [None] * len(records)
-        with self._lock:
+        blobs = [save({f"{n}.{k}": t.detach().cpu().contiguous() for n, (u, d) in kv.items() for k, t in (("keys", u), ("values", d))})
+                 for kv in key_values]
+        with self._lock, self._db.transaction():
             revision = self._last_revision() + 1
             first = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()[0] + 1
             seqs = list(range(first, first + len(records)))
-            states = {**{s: EditState(True) for s in seqs}, **(states or {})}
-            files = []
-            for seq, kv in zip(seqs, key_values):
-                name = f"{seq:08d}.safetensors"
-                tmp = self.factors_dir / f"{name}.tmp"
-                save_file({f"{n}.{k}": t.detach().cpu().contiguous() for n, (u, d) in kv.items() for k, t in (("keys", u), ("values", d))}, tmp)
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-                tmp.replace(self.factors_dir / name)
-                files.append(name)
-            _fsync_dir(self.factors_dir)
-            created = time.time()
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("INSERT INTO revisions VALUES (?, 'apply', ?, ?, ?, ?)",
-                                 (revision, request_id or None, fingerprint, created, ", ".join(dict.fromkeys(authors))))
-                for seq, rec, name, p, q, key, author, print_ in zip(seqs, records, files, pre, post, keys, authors, fingerprints):
-                    self._db.execute("INSERT INTO edits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
-                        seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), name,
-                        editor_hash, key or None, author, print_))
-                self._insert_events(revision, states)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                for name in files:
-                    (self.factors_dir / name).unlink(missing_ok=True)
-                raise
+            self._db.execute("INSERT INTO revisions VALUES (?, 'apply', ?, ?, ?, ?)",
+                             (revision, request_id or None, fingerprint, time.time(), ", ".join(dict.fromkeys(authors))))
+            self._db.executemany(f"INSERT INTO edits ({EDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+                (seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), blob, editor_hash,
+                 key or None, author, print_)
+                for seq, rec, blob, p, q, key, author, print_ in zip(seqs, records, blobs, pre, post, keys, authors, fingerprints)])
+            self._insert_events(revision, {**{s: EditState(True) for s in seqs}, **(states or {})})
         return revision, self.edits(revision=revision)
 
-    def _insert_events(self, revision: int, states: dict[int, EditState]) -> None:  # inside a transaction
+    def _insert_events(self, revision: int, states: dict[int, EditState]) -> None:  # inside a write transaction
         self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
                              [(revision, s, int(st.active), st.superseded_by) for s, st in sorted(states.items())])
+        self._db.notify(revision)
 
     def append_states(self, kind: str, states: dict[int, EditState], author: str = "anonymous") -> int:
         """A rollback (`kind` rollback or rollback_to): a new revision with these edits' new states."""
-        with self._lock:
+        with self._lock, self._db.transaction():
             revision = self._last_revision() + 1
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("INSERT INTO revisions VALUES (?, ?, NULL, '', ?, ?)", (revision, kind, time.time(), author))
-                self._insert_events(revision, states)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            self._db.execute("INSERT INTO revisions VALUES (?, ?, NULL, '', ?, ?)", (revision, kind, time.time(), author))
+            self._insert_events(revision, states)
         return revision

@@ -147,11 +147,15 @@ class EditableModel:
 
     def replay(self, steps) -> None:
         """Propose each (remove, add) of `steps` in order, writing the weights once at the end: the
-        same tensors as committing every step. Caller holds `lock.write()`."""
-        change = None
-        for remove, add in steps:
-            change = self.propose(remove, add)
-            self.active, self.solutions = change.active, change.solutions
+        same tensors as committing every step; nothing changes when a step fails. Caller holds `lock.write()`."""
+        change, start = None, (self.active, self.solutions)
+        try:
+            for remove, add in steps:
+                change = self.propose(remove, add)
+                self.active, self.solutions = change.active, change.solutions
+        except BaseException:
+            self.active, self.solutions = start
+            raise
         if change is not None:
             self.commit(change)
 

@@ -38,7 +38,7 @@ from mend.batching import encode, logits, tokenize_pairs
 from mend.checkpoint import editor_hash, load_editor
 from mend.editing import MendMethod
 from mend.errors import (ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError, MendError, NoEditorError,
-                         StateConflictError)
+                         NotLeaderError, StateConflictError)
 from mend.journal import ROLLED_BACK, EditJournal, EditState, JournalEdit
 from mend.metrics import LocalityCache, before_and_after, greedy_decode
 from mend.model_state import Change, EditableModel
@@ -115,7 +115,7 @@ def _clean(metrics) -> dict[str, float | None]:
 
 class EditService:
     def __init__(self, model, tokenizer, journal: EditJournal, targets, editor=None, locality: list[Fact] = (),
-                 limits: ServiceLimits = ServiceLimits(), info: dict | None = None):
+                 limits: ServiceLimits = ServiceLimits(), info: dict | None = None, leader: str | None = None):
         self.model, self.tokenizer, self.journal, self.limits = model, tokenizer, journal, limits
         self.method = MendMethod(editor) if editor is not None else None
         self.locality = list(locality)[: limits.n_reference_locality]
@@ -126,34 +126,57 @@ class EditService:
         self._queue: list[_Call] = []  # single edits waiting for the writer (coalesced)
         self._queue_lock = threading.Lock()
         self.on_update: Callable[[int, int], None] | None = None  # (calls, edits) of every update written: metrics
-        self._states = {s: st for s, st in journal.states().items() if st.live}  # live edits: active or superseded
-        self._facts = {e.seq: e.record.fact_keys() for e in journal.edits(limit=10**9) if e.seq in self._states}  # superseding keys
+        self.leader = leader  # a replica: the leader's address, where writes go; None: this service writes
+        self.revision = 0
+        self._states: dict[int, EditState] = {}  # live edits: active or superseded
         started = time.perf_counter()
-        with self.state.lock.write():
-            self._replay()
-        self.revision = journal.revision
-        log.info("journal %s: revision %d, %d active edits replayed in %.1f s", journal.dir, self.revision,
+        self.catch_up()
+        self._facts = {e.seq: e.record.fact_keys() for e in journal.edits(limit=10**9) if e.seq in self._states}  # superseding keys
+        log.info("journal %s: revision %d, %d active edits replayed in %.1f s", journal.location, self.revision,
                  len(self.state.active), time.perf_counter() - started)
 
-    def _replay(self) -> None:
-        """Repeat every change of the active set the journal records, in order: the same weights, bit for bit."""
-        loaded: dict[int, KeyValues] = {}
+    def catch_up(self, max_revisions: int | None = None) -> int:
+        """Repeat the journal's revisions beyond the served one, in order, as the writer made them: the
+        same weights, bit for bit, at each revision. Start-up replays the whole journal so; a replica
+        follows its leader so. At most `max_revisions` at a time (readers wait meanwhile); returns how
+        many revisions the journal still has beyond the served one."""
+        latest = self.journal.revision
+        upto = latest if max_revisions is None else min(latest, self.revision + max_revisions)
+        if upto <= self.revision:
+            return latest - self.revision
+        with self.state.lock.write():
+            changes = self.journal.changes(self.revision, upto)
+            loaded: dict[int, KeyValues] = {}
 
-        def steps():
-            for _, flips in self.journal.history():
-                add = {s: loaded.setdefault(s, self.journal.load_key_values(s)) for s, on in flips.items() if on}
-                for kv in add.values():
-                    self.state.check(kv)
-                yield [s for s, on in flips.items() if not on], add
+            def steps():
+                on = set(self.state.active)
+                for _, changed in changes:
+                    add = {s: loaded.setdefault(s, self.journal.load_key_values(s)) for s, st in changed.items() if st.active and s not in on}
+                    remove = [s for s, st in changed.items() if not st.active and s in on]
+                    for kv in add.values():
+                        self.state.check(kv)
+                    on = (on - set(remove)) | set(add)
+                    if add or remove:
+                        yield remove, add
 
-        self.state.replay(steps())
+            self.state.replay(steps())
+            for _, changed in changes:
+                for s, st in changed.items():
+                    if st.live:
+                        self._states[s] = st
+                    else:
+                        self._states.pop(s, None)
+            self.revision = upto
+        return latest - upto
 
     @classmethod
-    def open(cls, base_model: str, editor: str | None, journal_dir: str, device: str = "auto", dtype: str = "float32",
+    def open(cls, base_model: str, editor: str | None, journal: str, device: str = "auto", dtype: str = "float32",
              locality: list[Fact] = (), limits: ServiceLimits = ServiceLimits(),
-             target_patterns: list[str] | None = None, n_last_blocks: int = 3) -> "EditService":
-        """Load everything from disk. Without an editor the targets (the layers a journal's edits may
-        touch) come from `target_patterns` / `n_last_blocks`, as in `mend.targets.resolve_targets`."""
+             target_patterns: list[str] | None = None, n_last_blocks: int = 3, leader: str | None = None) -> "EditService":
+        """Load everything from disk; `journal` is a directory or a postgresql:// URL (`mend.journal`).
+        Without an editor the targets (the layers a journal's edits may touch) come from
+        `target_patterns` / `n_last_blocks`, as in `mend.targets.resolve_targets`. `leader`: this
+        service is a read replica of the server at that address, following the journal it writes."""
         model, tokenizer = load_model(base_model, device=device, dtype=dtype)
         base_hash = model_hash(base_model)
         edit_net = load_editor(editor, model) if editor else None
@@ -161,7 +184,8 @@ class EditService:
         info = {"base_model_path": str(Path(base_model).resolve()), "base_model_hash": base_hash,
                 "editor_path": str(Path(editor).resolve()) if editor else "", "editor_hash": editor_hash(editor) if editor else "",
                 "dtype": dtype, "device": str(next(model.parameters()).device), "model_type": model.config.model_type}
-        return cls(model, tokenizer, EditJournal(journal_dir, base_hash), targets, edit_net, locality, limits, info)
+        return cls(model, tokenizer, EditJournal(journal, base_hash, writer=leader is None), targets, edit_net, locality, limits,
+                   {**info, "role": "replica" if leader else "leader", "leader": leader or ""}, leader)
 
     def close(self) -> None:
         self.journal.close()
@@ -239,6 +263,7 @@ class EditService:
         if dry_run:
             with self.state.lock.write():
                 return self._preview(call)
+        self._require_leader()
         if call.coalesce:
             with self._queue_lock:
                 self._queue.append(call)
@@ -422,6 +447,10 @@ class EditService:
                 self._states.pop(s, None)
                 self._facts.pop(s, None)
 
+    def _require_leader(self) -> None:
+        if self.leader is not None:
+            raise NotLeaderError(f"this server is a read replica: send writes to the leader at {self.leader}")
+
     def _require_editor(self) -> None:
         if self.method is None:
             raise NoEditorError("this server has no editor loaded: start it with an editor checkpoint (`mend train-editor`)")
@@ -433,6 +462,7 @@ class EditService:
 
     def rollback_edit(self, edit_id: str, author: str = "anonymous") -> int:
         """Roll back an active or superseded edit; what it superseded comes back."""
+        self._require_leader()
         with self.state.lock.write():
             edit = self.journal.get(edit_id)
             if edit.seq not in self._states:
@@ -446,6 +476,7 @@ class EditService:
         """Restore the edits live at `revision` (0 = the base model): (new revision, edits changed)."""
         if revision < 0:
             raise InvalidEditError(f"revision {revision} is negative; 0 is the base model")
+        self._require_leader()
         with self.state.lock.write():
             if revision > self.revision:
                 raise EditNotFoundError(f"no revision {revision}: the current revision is {self.revision}")

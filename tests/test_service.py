@@ -150,14 +150,38 @@ def test_journal_of_another_base_model_is_refused(open_service, tmp_path, gpt2_d
         EditService.open(str(gpt2_dir), None, str(tmp_path / "journal"), device="cpu", n_last_blocks=2)
 
 
-def test_uncommitted_factor_files_are_removed_on_open(open_service, records, tmp_path):
+def _as_format_3(journal):
+    """Rewrite a journal as formats 2 and 3 kept keys and values: one safetensors file per edit under factors/."""
+    import sqlite3
+
+    factors = journal / "factors"
+    factors.mkdir()
+    with sqlite3.connect(journal / "journal.sqlite3") as db:
+        db.execute("ALTER TABLE edits ADD COLUMN factors_file TEXT NOT NULL DEFAULT ''")
+        for seq, data in db.execute("SELECT seq, data FROM edits").fetchall():
+            (factors / f"{seq:08d}.safetensors").write_bytes(data)
+            db.execute("UPDATE edits SET factors_file=? WHERE seq=?", (f"{seq:08d}.safetensors", seq))
+        db.execute("ALTER TABLE edits DROP COLUMN data")
+        db.execute("UPDATE meta SET value='3' WHERE key='format'")
+    return factors
+
+
+def test_a_journal_of_format_3_moves_its_factor_files_into_the_database(open_service, records, tmp_path):
+    import sqlite3
+
+    from safetensors.torch import load
+
     service = open_service()
-    service.apply([records[0]])
+    service.apply([records[0], records[1]])
+    live = {n: p.detach().clone() for n, p in service.model.named_parameters()}
     service.close()
-    (tmp_path / "journal" / "factors" / "00000002.safetensors.tmp").write_bytes(b"partial")
+    factors = _as_format_3(tmp_path / "journal")
     reopened = open_service()
-    assert sorted(p.name for p in (tmp_path / "journal" / "factors").iterdir()) == ["00000001.safetensors"]
-    assert reopened.n_active == 1
+    assert not factors.exists() and reopened.n_active == 2
+    assert all(torch.equal(p, live[n]) for n, p in reopened.model.named_parameters())
+    with sqlite3.connect(tmp_path / "journal" / "journal.sqlite3") as db:
+        assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("4",)
+        assert all(load(data) for (data,) in db.execute("SELECT data FROM edits"))
 
 
 def test_score_and_generate_agree(open_service, records):
@@ -265,6 +289,7 @@ def test_a_journal_of_format_2_is_upgraded_in_place_and_keeps_its_edits(open_ser
     service = open_service()
     service.apply([records[0]], author="alice")
     service.close()
+    _as_format_3(tmp_path / "journal")
     with sqlite3.connect(tmp_path / "journal" / "journal.sqlite3") as db:  # as written before authors were recorded
         for table, column in (("revisions", "author"), ("edits", "author"), ("edits", "fingerprint")):
             db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
