@@ -61,7 +61,8 @@ CREATE INDEX IF NOT EXISTS events_by_seq ON events (seq, revision)
 
 EDIT_COLUMNS = "seq, edit_id, revision, record, pre, post, data, editor_hash, request_id, author, fingerprint"
 CHANNEL = "mend_journal"  # PostgreSQL: NOTIFY channel of new revisions
-WRITER_LOCK = 0x6D656E64  # PostgreSQL: advisory lock key held by the one writer ("mend")
+WRITER_LOCK = 0x6D656E64  # PostgreSQL: advisory lock held by the one writer ("mend"), and by every write transaction
+SCHEMA_LOCK = WRITER_LOCK + 1  # PostgreSQL: taken while the schema is created (replicas too)
 
 
 def is_url(location: str | Path) -> bool:
@@ -96,7 +97,7 @@ class _SQLite:
         self.conn.executemany(sql, rows)
 
     @contextmanager
-    def transaction(self):
+    def transaction(self, lock: int = 0):
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -151,9 +152,9 @@ class _Postgres:
             cur.executemany(sql.replace("?", "%s"), rows)
 
     @contextmanager
-    def transaction(self):
+    def transaction(self, lock: int = WRITER_LOCK):
         with self._live().transaction():
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITER_LOCK,))  # writes one at a time, schema included
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))  # one at a time
             yield
 
     def notify(self, revision: int) -> None:  # inside the write transaction: delivered at its commit
@@ -225,7 +226,7 @@ class EditJournal:
 
     def _open(self, location, base_model_hash: str) -> None:
         db = self._db
-        with db.transaction():
+        with db.transaction(SCHEMA_LOCK):
             for statement in SCHEMA.format(blob=db.blob).split(";"):
                 db.execute(statement)
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())

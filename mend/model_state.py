@@ -19,6 +19,7 @@ change holds the exclusive side for its whole duration, so no reader sees a half
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,6 +145,14 @@ class EditableModel:
         for name, w in (weights or self.weights(change)).items():
             self._params[name].copy_(w)
         self.active, self.solutions = change.active, change.solutions
+
+    def digest(self) -> str:
+        """sha256 of the edited weights as they are now (everything else is the base model's)."""
+        h = hashlib.sha256()
+        for name in sorted(self._params):
+            h.update(name.encode())
+            h.update(self._params[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def replay(self, steps) -> None:
         """Propose each (remove, add) of `steps` in order, writing the weights once at the end: the

@@ -128,10 +128,11 @@ class EditService:
         self.on_update: Callable[[int, int], None] | None = None  # (calls, edits) of every update written: metrics
         self.leader = leader  # a replica: the leader's address, where writes go; None: this service writes
         self.revision = 0
+        self._digest = (-1, "")  # (revision, sha256 of the edited weights at it): GetModelInfo
         self._states: dict[int, EditState] = {}  # live edits: active or superseded
+        self._facts: dict[int, tuple] = {}  # the live edits' superseding keys
         started = time.perf_counter()
         self.catch_up()
-        self._facts = {e.seq: e.record.fact_keys() for e in journal.edits(limit=10**9) if e.seq in self._states}  # superseding keys
         log.info("journal %s: revision %d, %d active edits replayed in %.1f s", journal.location, self.revision,
                  len(self.state.active), time.perf_counter() - started)
 
@@ -166,8 +167,17 @@ class EditService:
                         self._states[s] = st
                     else:
                         self._states.pop(s, None)
+                        self._facts.pop(s, None)
+            self._load_facts(self._states)
             self.revision = upto
         return latest - upto
+
+    def _load_facts(self, seqs) -> None:
+        """The superseding keys of these edits, read from the journal where not known yet."""
+        missing = {s for s in seqs if s not in self._facts}
+        if missing:
+            self._facts.update((e.seq, e.record.fact_keys()) for e in self.journal.edits(after_seq=min(missing) - 1, limit=10**9)
+                               if e.seq in missing)
 
     @classmethod
     def open(cls, base_model: str, editor: str | None, journal: str, device: str = "auto", dtype: str = "float32",
@@ -185,7 +195,7 @@ class EditService:
                 "editor_path": str(Path(editor).resolve()) if editor else "", "editor_hash": editor_hash(editor) if editor else "",
                 "dtype": dtype, "device": str(next(model.parameters()).device), "model_type": model.config.model_type}
         return cls(model, tokenizer, EditJournal(journal, base_hash, writer=leader is None), targets, edit_net, locality, limits,
-                   {**info, "role": "replica" if leader else "leader", "leader": leader or ""}, leader)
+                   info, leader)
 
     def close(self) -> None:
         self.journal.close()
@@ -481,8 +491,7 @@ class EditService:
             if revision > self.revision:
                 raise EditNotFoundError(f"no revision {revision}: the current revision is {self.revision}")
             live = {s for s, st in self.journal.states(revision).items() if st.live}
-            self._facts.update((e.seq, e.record.fact_keys()) for e in self.journal.edits(limit=10**9)
-                               if e.seq in live and e.seq not in self._facts)
+            self._load_facts(live)
             states, change = self._transition(live)
             if not states:
                 return self.revision, 0
@@ -535,6 +544,10 @@ class EditService:
         return token_logp.tolist(), bool((logp.argmax(-1) == labels).all()), revision
 
     def model_info(self) -> dict:
+        journal_revision = self.journal.revision
         with self.state.lock.read():
-            return {**self.info, "targets": list(self.state.targets), "revision": self.revision,
-                    "active_edits": len(self.state.active), "editor_loaded": self.method is not None}
+            if self._digest[0] != self.revision:
+                self._digest = (self.revision, self.state.digest())
+            return {"role": "replica" if self.leader else "leader", "leader": self.leader or "", **self.info,
+                    "targets": list(self.state.targets), "revision": self.revision, "journal_revision": max(journal_revision, self.revision),
+                    "active_edits": len(self.state.active), "editor_loaded": self.method is not None, "weights_hash": self._digest[1]}

@@ -24,7 +24,8 @@ def open_service(cfg: DictConfig):
     locality = World.load(cfg.paths.world).locality_probes() if Path(cfg.paths.world).is_file() else []
     return EditService.open(cfg.paths.base_model, editor, cfg.paths.journal, device=cfg.device, dtype=cfg.server.dtype,
                             locality=locality, limits=as_config(ServiceLimits, cfg.server.limits),
-                            target_patterns=cfg.targets.patterns, n_last_blocks=cfg.targets.n_last_blocks)
+                            target_patterns=cfg.targets.patterns, n_last_blocks=cfg.targets.n_last_blocks,
+                            leader=cfg.server.leader if cfg.server.role == "replica" else None)
 
 
 def server_config(cfg: DictConfig):

@@ -1,7 +1,10 @@
 """Server lifecycle: build the gRPC server, load the model in the background, serve, drain.
 
 Health (`grpc.health.v1`) reports NOT_SERVING until the model and editor are loaded and warmed
-up, and again from the moment a shutdown starts; mend.v1 calls get UNAVAILABLE meanwhile.
+up, and again from the moment a shutdown starts; mend.v1 calls get UNAVAILABLE meanwhile. A read
+replica (`role: replica`) follows the leader's journal in a thread of its own and also reports
+NOT_SERVING while it is more than `max_lag` revisions behind (it still answers reads, each with the
+revision it is at).
 """
 
 from __future__ import annotations
@@ -44,8 +47,18 @@ class ServerConfig:
     tls_key: str = ""
     metrics_port: int = -1  # Prometheus /metrics over HTTP; -1 = off, 0 = any free port
     metrics_host: str = "127.0.0.1"
+    role: str = "leader"  # leader: takes writes; replica: follows the leader's journal, refuses writes
+    leader: str = ""  # a replica: the leader's address, named in its refusals of writes
+    max_lag: int = 10  # a replica further behind the journal than this many revisions reports NOT_SERVING
+    poll_s: float = 1.0  # a replica looks at the journal at least this often (PostgreSQL also wakes it by NOTIFY)
 
     def __post_init__(self) -> None:
+        if self.role not in ("leader", "replica"):
+            raise ConfigError(f"server.role must be leader or replica, not {self.role!r}")
+        if self.role == "replica" and not self.leader:
+            raise ConfigError("a replica needs server.leader: the leader's address, where clients send writes")
+        if self.max_lag < 0 or self.poll_s <= 0:
+            raise ConfigError("server.max_lag must be >= 0 and server.poll_s > 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both server.tls_cert and server.tls_key (PEM files), or neither")
         for path in (self.tls_cert, self.tls_key):
@@ -80,6 +93,8 @@ class ServerMetrics:
         active.set_function(lambda: holder.service.n_active if holder.service else 0)
         revision = Gauge("mend_model_revision", "Current model revision", registry=self.registry)
         revision.set_function(lambda: holder.service.revision if holder.service else 0)
+        self.behind = Gauge("mend_revisions_behind", "Revisions the journal has beyond the served model (a replica's lag)",
+                            registry=self.registry)
 
     def count_edits(self, n: int) -> None:
         self.edits.inc(n)
@@ -108,6 +123,8 @@ class MendServer:
         self.load_error: BaseException | None = None
         self.port = self.metrics_port = None
         self._httpd = None
+        self._stopping = threading.Event()
+        self._follower: threading.Thread | None = None
 
     def start(self, wait: bool = False) -> int:
         """Bind and start serving health at once; load the service in the background. Returns the port."""
@@ -151,18 +168,49 @@ class MendServer:
             self.load_error, self.holder.phase = e, "failed"
         else:
             self.holder.service, self.holder.phase = service, "serving"
-            for name in ("", SERVICE_NAME):
-                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("serving %s (revision %d)", SERVICE_NAME, service.revision)
+            self._set_health(True)
+            log.info("serving %s (revision %d) as %s", SERVICE_NAME, service.revision, self.cfg.role)
+            if self.cfg.role == "replica":
+                self._follower = threading.Thread(target=self._follow, args=(service,), name="mend-follow", daemon=True)
+                self._follower.start()
         finally:
             self.ready.set()
+
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _follow(self, service: EditService) -> None:
+        """A replica: apply the leader's new revisions as the journal gets them (woken by NOTIFY on
+        PostgreSQL, else every poll_s), at most 100 at a time so that reads go on while it catches up;
+        NOT_SERVING while more than max_lag revisions behind or while the journal cannot be read."""
+        behind = 0
+        while not self._stopping.is_set():
+            try:
+                if not behind:
+                    service.journal.wait(self.cfg.poll_s)
+                behind = service.journal.revision - service.revision
+                self._set_health(behind <= self.cfg.max_lag)
+                self.holder.metrics.behind.set(behind)
+                behind = service.catch_up(max_revisions=100)
+                self._set_health(behind <= self.cfg.max_lag)
+                self.holder.metrics.behind.set(behind)
+            except Exception:
+                log.exception("following the journal failed; retrying in %.1f s", self.cfg.poll_s)
+                self._set_health(False)
+                self._stopping.wait(self.cfg.poll_s)
+                behind = 0
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish, close the journal."""
         self.holder.phase = "draining"
+        self._stopping.set()
         self.health.enter_graceful_shutdown()
         self.grpc.stop(self.cfg.grace_s if grace is None else grace).wait()
         self.ready.wait()
+        if self._follower is not None:
+            self._follower.join()
         if self.holder.service is not None:
             self.holder.service.close()
         if self._httpd is not None:

@@ -110,4 +110,5 @@ class EditServicer(pb_grpc.EditServiceServicer):
             editor_path=info["editor_path"], editor_hash=info["editor_hash"], target_layers=info["targets"],
             dtype=info["dtype"], device=info["device"], model_revision=info["revision"],
             active_edits=info["active_edits"], model_type=info["model_type"], editor_loaded=info["editor_loaded"],
+            role=info["role"], leader=info["leader"], journal_revision=info["journal_revision"], weights_hash=info["weights_hash"],
         )

@@ -111,3 +111,66 @@ def tiny_editor_dir(tmp_path_factory, trained_gpt2_dir, world):
                  EditorConfig(rank=32, step_init=1e-2),
                  TrainConfig(steps=150, batch_sizes=(1, 4), lr=1e-3, step_lr=1e-3, val_every=150, val_edits=10, locality_per_step=8))
     return out
+
+
+class Postgres:
+    """A real PostgreSQL server from Debian's package, started in a temporary directory on loopback
+    (as an unprivileged user when the tests run as root: PostgreSQL refuses to run as root)."""
+
+    def __init__(self, bindir, root):
+        import pwd
+        import socket
+
+        self.bindir, self.root, self.n = bindir, root, 0
+        self.user = None
+        if os.geteuid() == 0:
+            self.user = "postgres" if "postgres" in {p.pw_name for p in pwd.getpwall()} else "nobody"
+            entry = pwd.getpwnam(self.user)
+            os.chown(root, entry.pw_uid, entry.pw_gid)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._run("initdb", "-D", f"{root}/data", "-U", "mend", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._run("pg_ctl", "-D", f"{root}/data", "-l", f"{root}/log", "-w", "-o",
+                  f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
+        self.url = f"postgresql://mend@127.0.0.1:{self.port}"
+
+    def _run(self, tool, *args):
+        import subprocess
+
+        cmd = [f"{self.bindir}/{tool}", *args]
+        subprocess.run((["runuser", "-u", self.user, "--"] if self.user else []) + cmd, check=True, capture_output=True, cwd=self.root)
+
+    def new_database(self) -> str:
+        """The URL of a new empty database."""
+        import psycopg
+
+        self.n += 1
+        with psycopg.connect(f"{self.url}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE journal_{self.n}")
+        return f"{self.url}/journal_{self.n}"
+
+    def stop(self):
+        self._run("pg_ctl", "-D", f"{self.root}/data", "-m", "immediate", "-w", "stop")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        message = "PostgreSQL is not installed: install Debian's postgresql package (.ci/run does)"
+        pytest.fail(message) if os.environ.get("MEND_REQUIRE_POSTGRES") else pytest.skip(message)
+    root = tempfile.mkdtemp(prefix="mend-pg-")
+    os.chmod(root, 0o755)
+    server = Postgres(os.path.dirname(found[-1]), root)
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_journal(postgres):
+    return postgres.new_database()

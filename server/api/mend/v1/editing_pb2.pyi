@@ -227,7 +227,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("base_model_path", "base_model_hash", "editor_path", "editor_hash", "target_layers", "dtype", "device", "model_revision", "active_edits", "model_type", "editor_loaded")
+    __slots__ = ("base_model_path", "base_model_hash", "editor_path", "editor_hash", "target_layers", "dtype", "device", "model_revision", "active_edits", "model_type", "editor_loaded", "role", "leader", "journal_revision", "weights_hash")
     BASE_MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     EDITOR_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,10 @@ class GetModelInfoResponse(_message.Message):
     ACTIVE_EDITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     EDITOR_LOADED_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    JOURNAL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_HASH_FIELD_NUMBER: _ClassVar[int]
     base_model_path: str
     base_model_hash: str
     editor_path: str
@@ -250,4 +254,8 @@ class GetModelInfoResponse(_message.Message):
     active_edits: int
     model_type: str
     editor_loaded: bool
-    def __init__(self, base_model_path: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., editor_path: _Optional[str] = ..., editor_hash: _Optional[str] = ..., target_layers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., model_revision: _Optional[int] = ..., active_edits: _Optional[int] = ..., model_type: _Optional[str] = ..., editor_loaded: _Optional[bool] = ...) -> None: ...
+    role: str
+    leader: str
+    journal_revision: int
+    weights_hash: str
+    def __init__(self, base_model_path: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., editor_path: _Optional[str] = ..., editor_hash: _Optional[str] = ..., target_layers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., model_revision: _Optional[int] = ..., active_edits: _Optional[int] = ..., model_type: _Optional[str] = ..., editor_loaded: _Optional[bool] = ..., role: _Optional[str] = ..., leader: _Optional[str] = ..., journal_revision: _Optional[int] = ..., weights_hash: _Optional[str] = ...) -> None: ...
