@@ -91,9 +91,10 @@ def target_nll(logits_: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     return -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def masked_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked positions of KL(pre || post), the locality penalty."""
+def masked_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over masked positions of KL(pre || post), the locality penalty; divided by `count` instead
+    of the number of masked positions when given (a share of a larger batch)."""
     pre_logp = torch.log_softmax(pre_logits, -1)
     post_logp = torch.log_softmax(post_logits, -1)
     kl = (pre_logp.exp() * (pre_logp - post_logp)).sum(-1)  # (B, T-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return (kl * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)

@@ -143,26 +143,27 @@ class MendEditor(nn.Module):
         self._eigen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # target index -> C₀'s (eigenvectors, eigenvalues)
         self.register_load_state_dict_post_hook(lambda module, _: module._eigen.clear())
 
-    def low_rank(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def low_rank(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], gather=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: (a, b)}, MEND's per-token
         rank-1 updates a_jᵀ b_j in the (fan_in, fan_out) layout: a = -α_l ũ, b = δ̃. In eval mode each
-        token row is edited independently."""
+        token row is edited independently. In training the normalisation statistics take in the
+        rows, all ranks' rows under torchrun (`gather`: `mend.distributed.Shard.gather`)."""
         out = {}
         for i, t in enumerate(self.targets):
             u, delta = factors[t.param_name]
             if self.training:
-                self.u_norms[i].update(u)
-                self.delta_norms[i].update(delta)
+                self.u_norms[i].update(u if gather is None else gather(u.detach()))
+                self.delta_norms[i].update(delta if gather is None else gather(delta.detach()))
             u_t, delta_t = self.nets[t.shape_key](self.u_norms[i](u), self.delta_norms[i](delta), self.layer_index[t.param_name])
             out[t.param_name] = (-self.steps[i] * u_t, delta_t)
         return out
 
-    def key_values(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> KeyValues:
+    def key_values(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], gather=None) -> KeyValues:
         """{param_name: (keys u (N, fan_in), values d (N, fan_out))}: each token's key and the change of
         the layer's output its own rank-1 update makes there, d_j = (u_j · a_j) b_j. Rows are
         independent in eval mode, so a batch's keys and values split exactly into each edit's."""
         out = {}
-        for name, (a, b) in self.low_rank(factors).items():
+        for name, (a, b) in self.low_rank(factors, gather).items():
             u = factors[name][0]
             out[name] = (u, (u * a).sum(-1, keepdim=True) * b)
         return out
@@ -189,13 +190,23 @@ class MendEditor(nn.Module):
             self.preserved[self.index[name]].update(k)
         self._eigen.clear()
 
+    @torch.no_grad()
+    def merge_preserved(self, total) -> None:
+        """Replace each C₀'s sums by `total(sums)`: under torchrun, the sums over every rank's keys."""
+        for cov in self.preserved:
+            cov.total.copy_(total(cov.total))
+            cov.count.copy_(total(cov.count))
+        self._eigen.clear()
+
     def _apply(self, fn, *args, **kwargs):  # .to(device) and friends: the cached eigendecompositions move too
         self._eigen = {}
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], gather=None) -> dict[str, torch.Tensor]:
         """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: ΔW in the weight's layout}:
-        one least-squares update per layer over every token of every edit in `factors`."""
+        one least-squares update per layer over every token of every edit in `factors`, and under
+        torchrun of every rank's edits (`gather` collects all ranks' keys and values)."""
         targets = {t.param_name: t for t in self.targets}
-        return {name: targets[name].to_weight_layout(solve(self.base_eigen(name), u, d).to(u.dtype))
-                for name, (u, d) in self.key_values(factors).items()}
+        gather = gather or (lambda rows: rows)
+        return {name: targets[name].to_weight_layout(solve(self.base_eigen(name), gather(u), gather(d)).to(u.dtype))
+                for name, (u, d) in self.key_values(factors, gather).items()}

@@ -9,7 +9,9 @@ learns what to produce for it; λ_l and μ_l are learned with it), and scores th
     c_edit · NLL(new target | edit prompt and its paraphrases)  +  c_loc · KL(pre || post | unrelated facts).
 
 Validation edits held-out entities every `val_every` steps; the best checkpoint is kept and
-training stops early after `patience` validations without improvement.
+training stops early after `patience` validations without improvement. Under torchrun each rank
+computes its share of every step and the least-squares solve spans all ranks' edits
+(`mend.distributed`); rank 0 validates, saves and logs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from mend.batching import encode, logits, masked_kl, target_nll
 from mend.capture import edit_factors, layer_inputs
 from mend.checkpoint import save_editor
+from mend.distributed import Shard
 from mend.editing import MendMethod, edited_weights
 from mend.editor import EditorConfig, MendEditor
 from mend.errors import ConfigError
@@ -76,7 +79,7 @@ def _locality_facts(pool: list[Fact], records: list[EditRecord], n: int, rng: ra
     raise ConfigError(f"the locality pool ({len(pool)} facts) has too few facts unrelated to the edited subjects {subjects}")
 
 
-def observe_preserved(model, tokenizer, editor: MendEditor, facts: list[Fact], batch_size: int = 64) -> None:
+def observe_preserved(model, tokenizer, editor: MendEditor, facts: list[Fact], batch_size: int = 64, shard: Shard = Shard()) -> None:
     """Accumulate each layer's C₀ from the keys of unedited true facts where the model predicts their
     answer (the prompt's last token and the answer's tokens). An edit is written at the same
     positions of its own prompt, whose keys differ from other subjects' mostly in a few directions:
@@ -85,29 +88,45 @@ def observe_preserved(model, tokenizer, editor: MendEditor, facts: list[Fact], b
     if not facts:
         raise ConfigError("no unedited facts to estimate the preserved-key covariance C₀ from: the split's locality pool is empty")
     device = next(model.parameters()).device
-    for i in range(0, len(facts), batch_size):
-        chunk = facts[i : i + batch_size]
+    mine = shard.take(facts)  # each rank its share, then the sums over ranks
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i : i + batch_size]
         batch = encode(tokenizer, [f.prompt for f in chunk], [f.answer for f in chunk]).to(device)
         editor.observe_preserved(layer_inputs(model, editor.targets, batch, at_predictions=True))
+    editor.merge_preserved(shard.total)
 
 
-def meta_loss(model, editor: MendEditor, tokenizer, records: list[EditRecord], loc: list[Fact], cfg: TrainConfig,
-              scored: list[EditRecord] | None = None):
-    """The loss of one update made of all `records`; the edit term scores `scored` (default: all)."""
+def meta_loss(model, editor, tokenizer, records: list[EditRecord], loc: list[Fact], cfg: TrainConfig,
+              scored: list[EditRecord] | None = None, shard: Shard = Shard()):
+    """The loss of one update made of all `records`; the edit term scores `scored` (default: all).
+    `editor`: a MendEditor, or one wrapped in DistributedDataParallel; this rank computes its share of
+    the records, scored edits and unrelated facts `loc`, and its loss is its share of the whole
+    step's, times the number of ranks (DDP averages the gradients)."""
     device = next(model.parameters()).device
-    edit_batch = encode(tokenizer, [r.prompt for r in records], [r.target_new for r in records]).to(device)
-    deltas = editor(edit_factors(model, editor.targets, edit_batch))
-    weights = edited_weights(model, deltas)
-    scored = records if scored is None else scored
-    prompts = [r.prompt for r in scored] + [p for r in scored for p in r.rephrase_prompt]
-    answers = [r.target_new for r in scored] + [r.target_new for r in scored for _ in r.rephrase_prompt]
-    outer = encode(tokenizer, prompts, answers).to(device)
-    l_edit = target_nll(logits(model, outer, weights), outer).mean()
+    targets = getattr(editor, "module", editor).targets
+    mine = shard.take(records)
+    if mine:
+        edit_batch = encode(tokenizer, [r.prompt for r in mine], [r.target_new for r in mine]).to(device)
+        factors = edit_factors(model, targets, edit_batch)
+    else:  # more ranks than edits: this rank adds no rows to the solve
+        factors = {t.param_name: (torch.zeros(0, t.fan_in, device=device), torch.zeros(0, t.fan_out, device=device)) for t in targets}
+    weights = edited_weights(model, editor(factors, gather=shard.gather))
+    scored = shard.take(records if scored is None else scored)
+    n_prompts = shard.total(torch.tensor(float(len(scored) + sum(len(r.rephrase_prompt) for r in scored)), device=device))
+    l_edit = torch.zeros((), device=device)
+    if scored:
+        prompts = [r.prompt for r in scored] + [p for r in scored for p in r.rephrase_prompt]
+        answers = [r.target_new for r in scored] + [r.target_new for r in scored for _ in r.rephrase_prompt]
+        outer = encode(tokenizer, prompts, answers).to(device)
+        l_edit = target_nll(logits(model, outer, weights), outer).sum() / n_prompts
+    loc = shard.take(loc)
     loc_batch = encode(tokenizer, [f.prompt for f in loc], [f.answer for f in loc]).to(device)
+    mask = loc_batch.attention_mask[:, 1:]
     with torch.no_grad():
         pre = logits(model, loc_batch)
-    l_loc = masked_kl(pre, logits(model, loc_batch, weights), loc_batch.attention_mask[:, 1:])
-    return cfg.c_edit * l_edit + cfg.c_loc * l_loc, {"edit": l_edit.item(), "loc": l_loc.item()}
+    l_loc = masked_kl(pre, logits(model, loc_batch, weights), mask, shard.total(mask.sum().float()).clamp(min=1))
+    parts = {"edit": shard.total(l_edit.detach()).item(), "loc": shard.total(l_loc.detach()).item()}
+    return shard.world * (cfg.c_edit * l_edit + cfg.c_loc * l_loc), parts
 
 
 VAL_SIZES = (1, 10, 100)
@@ -128,13 +147,21 @@ def validate(model, tokenizer, editor: MendEditor, records: list[EditRecord]) ->
 
 def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, val: EditSplit,
                  out_dir, editor_cfg: EditorConfig = EditorConfig(), cfg: TrainConfig = TrainConfig(),
-                 provenance: dict | None = None) -> dict:
-    """Meta-train an editor; the best checkpoint (by validation score) is written to `out_dir`."""
+                 provenance: dict | None = None, shard: Shard = Shard()) -> dict:
+    """Meta-train an editor; the best checkpoint (by validation score) is written to `out_dir` (by rank
+    0 under torchrun: `shard` is this process's part, `mend.distributed.start`)."""
+    if min(cfg.locality_per_step, cfg.preserved_facts) < shard.world:
+        raise ConfigError(f"train.locality_per_step and train.preserved_facts must be at least the number of processes ({shard.world})")
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # the same on every rank: every rank samples the same global step
     device = next(model.parameters()).device
     editor = MendEditor(targets, editor_cfg).to(device).train()
-    observe_preserved(model, tokenizer, editor, rng.sample(train.locality_pool, min(cfg.preserved_facts, len(train.locality_pool))))
+    observe_preserved(model, tokenizer, editor, rng.sample(train.locality_pool, min(cfg.preserved_facts, len(train.locality_pool))),
+                      shard=shard)
+    net = editor
+    if shard.world > 1:  # the rows' gathers keep the normalisation statistics equal on every rank: no buffer broadcast
+        net = torch.nn.parallel.DistributedDataParallel(editor, device_ids=[device] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False)
     special = {"steps": cfg.step_lr, "log_ridge": cfg.solve_lr, "log_preserve": cfg.solve_lr}
     net_params = [p for n, p in editor.named_parameters() if n not in special]
     opt = torch.optim.Adam([{"params": net_params, "lr": cfg.lr}] +
@@ -143,14 +170,15 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     val_records = val.records[: cfg.val_edits]
     history, best, stale, start = [], -1.0, 0, time.time()
-    bar = tqdm(range(1, cfg.steps + 1), desc="meta-train", unit="step", mininterval=5)
-    running = {"edit": 0.0, "loc": 0.0}
+    bar = tqdm(range(1, cfg.steps + 1), desc="meta-train", unit="step", mininterval=5, disable=not shard.main)
+    running, step_seconds = {"edit": 0.0, "loc": 0.0}, []
     for step in bar:
+        began = time.perf_counter()
         k = cfg.batch_sizes[step % len(cfg.batch_sizes)]
         records = rng.sample(train.records, k)
         loc = _locality_facts(train.locality_pool, records, min(max(cfg.locality_per_step, k), cfg.scored_edits), rng)
         scored = rng.sample(records, min(k, cfg.scored_edits))
-        loss, parts = meta_loss(model, editor, tokenizer, records, loc, cfg, scored)
+        loss, parts = meta_loss(model, net, tokenizer, records, loc, cfg, scored, shard)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.grad_clip)
@@ -158,7 +186,9 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
         sched.step()
         running = {key: parts[key] if step == 1 else 0.98 * running[key] + 0.02 * parts[key] for key in parts}
         bar.set_postfix(edit=f"{running['edit']:.3f}", loc=f"{running['loc']:.4f}", refresh=False)
-        if step % cfg.val_every == 0 or step == cfg.steps:
+        step_seconds.append(time.perf_counter() - began)
+        stop = False
+        if (step % cfg.val_every == 0 or step == cfg.steps) and shard.main:
             result = {"step": step, "minutes": round((time.time() - start) / 60, 2),
                       **validate(model, tokenizer, editor, val_records)}
             history.append(result)
@@ -166,11 +196,14 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
             if result["score"] > best:
                 best, stale = result["score"], 0
                 save_editor(editor, out_dir, model.config.model_type,
-                            {"train": asdict(cfg), "validation": result, **(provenance or {})})
+                            {"train": asdict(cfg), "validation": result, "processes": shard.world, **(provenance or {})})
             else:
                 stale += 1
                 if stale >= cfg.patience:
                     log.info("early stop at step %d: no improvement in %d validations", step, stale)
-                    break
+                    stop = True
+        if shard.broadcast(stop):
+            break
     bar.close()
-    return {"best_score": best, "minutes": round((time.time() - start) / 60, 2), "history": history}
+    return {"best_score": best, "minutes": round((time.time() - start) / 60, 2), "history": history,
+            "step_seconds": sum(step_seconds) / len(step_seconds)}

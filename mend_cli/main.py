@@ -72,21 +72,33 @@ def _split(cfg, split: str):
 
 
 def train_editor_cmd(cfg: DictConfig) -> None:
+    """Also under `torchrun --nproc_per_node=N`: one process per rank (mend.distributed)."""
+    from mend import distributed
     from mend.editor import EditorConfig
+    from mend.models import load_model
     from mend.targets import resolve_targets
     from mend.trainer import VAL_SIZES, TrainConfig, train_editor
 
-    model, tok = _model(cfg)
-    targets = resolve_targets(model, cfg.targets.patterns, cfg.targets.n_last_blocks)
-    train, val = _split(cfg, "train"), _split(cfg, "val")
-    print(f"meta-training an editor for {[t.name for t in targets]} on {len(train.records)} {cfg.dataset.name} edits")
-    report = train_editor(
-        model, tok, targets, train, val, cfg.paths.editor,
-        as_config(EditorConfig, cfg.editor), as_config(TrainConfig, cfg.train, seed=cfg.seed),
-        provenance={"base_model": str(cfg.paths.base_model), "dataset": cfg.dataset.name},
-    )
+    shard, device = distributed.start(cfg.device)
+    try:
+        model, tok = load_model(cfg.paths.base_model, device=str(device))
+        targets = resolve_targets(model, cfg.targets.patterns, cfg.targets.n_last_blocks)
+        train, val = _split(cfg, "train"), _split(cfg, "val")
+        if shard.main:
+            print(f"meta-training an editor for {[t.name for t in targets]} on {len(train.records)} {cfg.dataset.name} edits"
+                  + (f" on {shard.world} processes" if shard.world > 1 else ""))
+        report = train_editor(
+            model, tok, targets, train, val, cfg.paths.editor,
+            as_config(EditorConfig, cfg.editor), as_config(TrainConfig, cfg.train, seed=cfg.seed),
+            provenance={"base_model": str(cfg.paths.base_model), "dataset": cfg.dataset.name}, shard=shard,
+        )
+    finally:
+        distributed.stop()
+    if not shard.main:
+        return
     best = max(report["history"], key=lambda h: h["score"])
-    print(f"editor -> {cfg.paths.editor} after {report['minutes']} min; best validation (step {best['step']}):")
+    print(f"editor -> {cfg.paths.editor} after {report['minutes']} min ({report['step_seconds']:.2f} s per training step"
+          f"{f' on {shard.world} processes' if shard.world > 1 else ''}); best validation (step {best['step']}):")
     for size in (n for n in VAL_SIZES if f"b{n}_reliability_em" in best):
         print(f"  {size:>3} edit(s)/update: " + "  ".join(
             f"{m} {best[f'b{size}_{m}_em']:.3f}" for m in ("reliability", "generality", "locality")))
