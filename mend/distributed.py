@@ -81,6 +81,24 @@ def start(device: str = "auto") -> tuple[Shard, torch.device]:
     return Shard(dist.get_rank(), dist.get_world_size(), dist.new_group(), resolved), resolved
 
 
+def shard_model(model: torch.nn.Module, targets, shard: Shard) -> None:
+    """FSDP (`fully_shard`) of the frozen base model across the ranks, for a model one device cannot
+    hold: each layer of its largest layer stack, then the rest, keeps 1/N of its parameters and
+    gathers them for each pass. The edited weights stay whole on every rank (edits replace them)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from mend.errors import ConfigError
+
+    if shard.world == 1:
+        raise ConfigError("train.fsdp shards the model across processes: run under torchrun with --nproc_per_node of 2 or more")
+    params = dict(model.named_parameters())
+    ignored = {params[t.param_name] for t in targets}
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    for layer in max(stacks, key=len, default=[]):
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+
+
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

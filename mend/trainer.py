@@ -58,6 +58,7 @@ class TrainConfig:
     val_edits: int = 100  # edits per validation, singly, in batches of 10 and all in one update
     patience: int = 4  # validations without improvement before stopping
     seed: int = 0
+    fsdp: bool = False  # under torchrun: shard the frozen base model's parameters across the ranks (mend.distributed)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -88,11 +89,13 @@ def observe_preserved(model, tokenizer, editor: MendEditor, facts: list[Fact], b
     if not facts:
         raise ConfigError("no unedited facts to estimate the preserved-key covariance C₀ from: the split's locality pool is empty")
     device = next(model.parameters()).device
-    mine = shard.take(facts)  # each rank its share, then the sums over ranks
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i : i + batch_size]
-        batch = encode(tokenizer, [f.prompt for f in chunk], [f.answer for f in chunk]).to(device)
-        editor.observe_preserved(layer_inputs(model, editor.targets, batch, at_predictions=True))
+    step = batch_size * shard.world  # each rank its share of every batch, then the sums over ranks
+    for i in range(0, len(facts), step):
+        chunk = shard.take(facts[i : i + step])
+        batch = encode(tokenizer, [f.prompt for f in chunk or facts[:1]], [f.answer for f in chunk or facts[:1]]).to(device)
+        keys = layer_inputs(model, editor.targets, batch, at_predictions=True)  # every rank runs every pass (FSDP)
+        if chunk:
+            editor.observe_preserved(keys)
     editor.merge_preserved(shard.total)
 
 
@@ -102,23 +105,26 @@ def meta_loss(model, editor, tokenizer, records: list[EditRecord], loc: list[Fac
     `editor`: a MendEditor, or one wrapped in DistributedDataParallel; this rank computes its share of
     the records, scored edits and unrelated facts `loc`, and its loss is its share of the whole
     step's, times the number of ranks (DDP averages the gradients)."""
+    # Every rank runs every pass (with FSDP each pass gathers the model's parameters from all ranks):
+    # a rank with no share of its own (more ranks than edits) runs it on a stand-in and keeps nothing.
     device = next(model.parameters()).device
     targets = getattr(editor, "module", editor).targets
     mine = shard.take(records)
-    if mine:
-        edit_batch = encode(tokenizer, [r.prompt for r in mine], [r.target_new for r in mine]).to(device)
-        factors = edit_factors(model, targets, edit_batch)
-    else:  # more ranks than edits: this rank adds no rows to the solve
-        factors = {t.param_name: (torch.zeros(0, t.fan_in, device=device), torch.zeros(0, t.fan_out, device=device)) for t in targets}
+    edit_batch = encode(tokenizer, [r.prompt for r in mine or records[:1]], [r.target_new for r in mine or records[:1]]).to(device)
+    factors = edit_factors(model, targets, edit_batch)
+    if not mine:
+        factors = {name: (u[:0], d[:0]) for name, (u, d) in factors.items()}
     weights = edited_weights(model, editor(factors, gather=shard.gather))
-    scored = shard.take(records if scored is None else scored)
-    n_prompts = shard.total(torch.tensor(float(len(scored) + sum(len(r.rephrase_prompt) for r in scored)), device=device))
-    l_edit = torch.zeros((), device=device)
-    if scored:
-        prompts = [r.prompt for r in scored] + [p for r in scored for p in r.rephrase_prompt]
-        answers = [r.target_new for r in scored] + [r.target_new for r in scored for _ in r.rephrase_prompt]
-        outer = encode(tokenizer, prompts, answers).to(device)
-        l_edit = target_nll(logits(model, outer, weights), outer).sum() / n_prompts
+    scored = records if scored is None else scored
+    own = shard.take(scored)
+    n_prompts = shard.total(torch.tensor(float(len(own) + sum(len(r.rephrase_prompt) for r in own)), device=device))
+    run = own or scored[:1]
+    prompts = [r.prompt for r in run] + [p for r in run for p in r.rephrase_prompt]
+    answers = [r.target_new for r in run] + [r.target_new for r in run for _ in r.rephrase_prompt]
+    outer = encode(tokenizer, prompts, answers).to(device)
+    l_edit = target_nll(logits(model, outer, weights), outer).sum() / n_prompts
+    if not own:
+        l_edit = l_edit * 0
     loc = shard.take(loc)
     loc_batch = encode(tokenizer, [f.prompt for f in loc], [f.answer for f in loc]).to(device)
     mask = loc_batch.attention_mask[:, 1:]
@@ -188,15 +194,17 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
         bar.set_postfix(edit=f"{running['edit']:.3f}", loc=f"{running['loc']:.4f}", refresh=False)
         step_seconds.append(time.perf_counter() - began)
         stop = False
-        if (step % cfg.val_every == 0 or step == cfg.steps) and shard.main:
+        if step % cfg.val_every == 0 or step == cfg.steps:  # on every rank (FSDP passes need them all); rank 0 saves
             result = {"step": step, "minutes": round((time.time() - start) / 60, 2),
                       **validate(model, tokenizer, editor, val_records)}
             history.append(result)
-            log.info("validation %s", {k: round(v, 3) for k, v in result.items()})
+            if shard.main:
+                log.info("validation %s", {k: round(v, 3) for k, v in result.items()})
             if result["score"] > best:
                 best, stale = result["score"], 0
-                save_editor(editor, out_dir, model.config.model_type,
-                            {"train": asdict(cfg), "validation": result, "processes": shard.world, **(provenance or {})})
+                if shard.main:
+                    save_editor(editor, out_dir, model.config.model_type,
+                                {"train": asdict(cfg), "validation": result, "processes": shard.world, **(provenance or {})})
             else:
                 stale += 1
                 if stale >= cfg.patience:

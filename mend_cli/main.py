@@ -83,10 +83,12 @@ def train_editor_cmd(cfg: DictConfig) -> None:
     try:
         model, tok = load_model(cfg.paths.base_model, device=str(device))
         targets = resolve_targets(model, cfg.targets.patterns, cfg.targets.n_last_blocks)
+        if cfg.train.fsdp:
+            distributed.shard_model(model, targets, shard)
         train, val = _split(cfg, "train"), _split(cfg, "val")
         if shard.main:
             print(f"meta-training an editor for {[t.name for t in targets]} on {len(train.records)} {cfg.dataset.name} edits"
-                  + (f" on {shard.world} processes" if shard.world > 1 else ""))
+                  + (f" on {shard.world} processes" if shard.world > 1 else "") + (" (base model sharded: FSDP)" if cfg.train.fsdp else ""))
         report = train_editor(
             model, tok, targets, train, val, cfg.paths.editor,
             as_config(EditorConfig, cfg.editor), as_config(TrainConfig, cfg.train, seed=cfg.seed),

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 
-def train(out, trained_gpt2_dir, world_path, launcher):
-    args = [f"paths.base_model={trained_gpt2_dir}", f"paths.world={world_path}", f"paths.editor={out}", "device=cpu",
+def train(out, trained_gpt2_dir, world_path, launcher, *extra):
+    args = [*extra, f"paths.base_model={trained_gpt2_dir}", f"paths.world={world_path}", f"paths.editor={out}", "device=cpu",
             "targets.n_last_blocks=2", "editor.rank=16", "train.steps=6", "train.val_every=6", "train.val_edits=4",
             "train.batch_sizes=[1,3,8]", "train.locality_per_step=4", "train.preserved_facts=50", "train.scored_edits=5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -42,3 +42,9 @@ def test_two_ddp_processes_train_the_editor_one_process_trains(tmp_path, trained
     meta = {d: json.loads((tmp_path / d / "editor.json").read_text()) for d in ("single", "ddp")}
     assert (meta["single"]["processes"], meta["ddp"]["processes"]) == (1, 2)
     assert meta["single"]["validation"]["step"] == meta["ddp"]["validation"]["step"] == 6
+
+    fsdp = train(tmp_path / "fsdp", trained_gpt2_dir, world_path, torchrun, "train.fsdp=true")  # the base model sharded too
+    assert "base model sharded: FSDP" in fsdp.stdout
+    c = load_file(tmp_path / "fsdp" / "editor.safetensors")
+    for k in a:
+        assert torch.allclose(a[k].double(), c[k].double(), rtol=1e-5, atol=1e-7), (k, (a[k].double() - c[k].double()).abs().max())
