@@ -543,11 +543,13 @@ class EditService:
         token_logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         return token_logp.tolist(), bool((logp.argmax(-1) == labels).all()), revision
 
-    def model_info(self) -> dict:
+    def model_info(self, weights_hash: bool = False) -> dict:
+        """What GetModelInfo reports; `weights_hash`: also the sha256 of the edited weights as served
+        (cached per revision)."""
         journal_revision = self.journal.revision
         with self.state.lock.read():
-            if self._digest[0] != self.revision:
+            if weights_hash and self._digest[0] != self.revision:
                 self._digest = (self.revision, self.state.digest())
             return {"role": "replica" if self.leader else "leader", "leader": self.leader or "", **self.info,
                     "targets": list(self.state.targets), "revision": self.revision, "journal_revision": max(journal_revision, self.revision),
-                    "active_edits": len(self.state.active), "editor_loaded": self.method is not None, "weights_hash": self._digest[1]}
+                    "active_edits": len(self.state.active), "editor_loaded": self.method is not None, "weights_hash": self._digest[1] if weights_hash else ""}

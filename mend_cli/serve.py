@@ -70,24 +70,35 @@ def client_demo_cmd(cfg: DictConfig) -> None:
 
 def loadtest_cmd(cfg: DictConfig) -> None:
     """Resident memory with 0 / 100 / 1,000 active edits, then (from the base model again) ApplyEdit load
-    for 1/4/16 clients, on a scratch journal, next to one forward+backward pass."""
+    for 1/4/16 clients, on a scratch journal, next to one forward+backward pass. With `loadtest.replica`
+    (the address of a replica following `paths.journal`, a scratch PostgreSQL database): the load on
+    that journal, and how far behind the replica follows; no memory profile."""
     import statistics
     import tempfile
 
     from mend.benchmark import forward_backward_seconds
     from mend.data.world import World
+    from mend.errors import ConfigError
+    from mend.journal import is_url
     from server.load_test import format_rows, memory_profile, run_load
 
+    replica = cfg.loadtest.replica
+    if replica and not is_url(cfg.paths.journal):
+        raise ConfigError("loadtest.replica needs paths.journal=postgresql://... : the scratch database the replica follows")
     world = World.load(cfg.paths.world)
     records = world.edit_split("test").records
-    with tempfile.TemporaryDirectory() as journal:
+    memory = []
+    with tempfile.TemporaryDirectory() as scratch:
+        journal = cfg.paths.journal if replica else scratch
         server = _in_process_server(cfg, journal)
         try:
             address = f"127.0.0.1:{server.port}"
             service = server.holder.service
-            memory = memory_profile(address, records + world.edit_split("val").records, Path(journal), cfg.loadtest.memory_edits)
+            if not replica:
+                memory = memory_profile(address, records + world.edit_split("val").records, Path(journal), cfg.loadtest.memory_edits)
             service.rollback_to(0)
-            rows = [run_load(address, records, n, cfg.loadtest.requests, cfg.loadtest.max_seconds) for n in cfg.loadtest.clients]
+            rows = [run_load(address, records, n, cfg.loadtest.requests, cfg.loadtest.max_seconds, replica=replica)
+                    for n in cfg.loadtest.clients]
             with service.state.lock.read():
                 fwd_bwd = statistics.median(forward_backward_seconds(service.model, service.tokenizer, r) for r in records[:21])
         finally:
@@ -95,6 +106,7 @@ def loadtest_cmd(cfg: DictConfig) -> None:
     print(format_rows(rows))
     print(f"forward+backward of the base model: {fwd_bwd * 1000:.1f} ms; ApplyEdit p50 with 1 client = "
           f"{rows[0]['p50_ms'] / (fwd_bwd * 1000):.1f}x (it also measures the edit before and after, and journals it)")
-    print("resident memory of the process holding the server (MiB), by active edits; journal on disk per edit:")
+    if memory:
+        print("resident memory of the process holding the server (MiB), by active edits; journal on disk per edit:")
     for m in memory:
         print(f"  {m['active']:>5} active: {m['rss_mb']:7.1f} MiB" + (f", journal {m['journal_kb_per_edit']:.1f} KiB per edit" if m["active"] else ""))

@@ -88,5 +88,5 @@ class EditClient:
     def score(self, prompt: str, target: str) -> pb.ScoreResponse:
         return self._call("Score", pb.ScoreRequest(prompt=prompt, target=target))
 
-    def info(self) -> pb.GetModelInfoResponse:
-        return self._call("GetModelInfo", pb.GetModelInfoRequest())
+    def info(self, weights_hash: bool = False) -> pb.GetModelInfoResponse:
+        return self._call("GetModelInfo", pb.GetModelInfoRequest(weights_hash=weights_hash))

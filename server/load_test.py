@@ -5,8 +5,12 @@ Bounded in requests and in time: each client sends at most `requests` edits and 
 edit). The server has one writer, but single edits that queue behind it are applied together as one
 update (coalesced), so edits/s grows with the number of clients.
 
-    python -m server.load_test --address 127.0.0.1:50051 --clients 1 4 16
+    python -m server.load_test --address 127.0.0.1:50051 --clients 1 4 16 [--replica 127.0.0.1:50052]
     mend loadtest            # starts its own server on a scratch journal, also times forward+backward
+
+With a replica of the server (`--replica`, `loadtest.replica`), a sampler asks both for their
+revision every 5 ms during the load: how many revisions the replica is behind, and how many ms
+after the leader first showed a revision the replica first showed it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,9 +35,59 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_load(address: str, records: list[EditRecord], clients: int, requests: int, max_seconds: float, token: str = "") -> dict:
-    if not address.startswith(("127.", "localhost", "[::1]")):
-        raise ValueError(f"the load test only runs against loopback addresses, not {address}")
+class LagSampler:
+    """Polls the leader's and a replica's revision (GetModelInfo) every `interval` s until stopped."""
+
+    def __init__(self, leader: str, replica: str, token: str = "", interval: float = 0.005):
+        self.clients = [EditClient(a, token=token, timeout=10) for a in (leader, replica)]
+        self.interval, self.samples = interval, []  # (seconds, leader revision, replica revision)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            leader, replica = (c.info().model_revision for c in self.clients)
+            self.samples.append((time.perf_counter(), leader, replica))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "LagSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = time.monotonic() + 30  # let the replica finish: the last revisions' lag counts too
+        while self.samples and self.samples[-1][2] < self.samples[-1][1] and time.monotonic() < end:
+            time.sleep(self.interval)
+        self._stop.set()
+        self._thread.join()
+        for c in self.clients:
+            c.close()
+
+    def summary(self) -> dict:
+        """Revisions behind (over samples) and ms behind (over revisions: first seen on the replica
+        minus first seen on the leader)."""
+        behind = [max(0, lead - rep) for _, lead, rep in self.samples]
+        seen: dict[int, list[float]] = {}
+        for t, lead, rep in self.samples:
+            for revision, side in ((lead, 0), (rep, 1)):
+                seen.setdefault(revision, [None, None])
+                if seen[revision][side] is None:
+                    seen[revision][side] = t
+        first = self.samples[0][1] if self.samples else 0
+        ms = [1000 * max(0.0, r - l) for rev, (l, r) in seen.items() if rev > first and l is not None and r is not None]
+        return {"behind_p50": statistics.median(behind) if behind else 0, "behind_max": max(behind, default=0),
+                "lag_p50_ms": statistics.median(ms) if ms else 0.0, "lag_p99_ms": _percentile(ms, 0.99) if ms else 0.0}
+
+
+def run_load(address: str, records: list[EditRecord], clients: int, requests: int, max_seconds: float, token: str = "",
+             replica: str = "") -> dict:
+    for a in filter(None, (address, replica)):
+        if not a.startswith(("127.", "localhost", "[::1]")):
+            raise ValueError(f"the load test only runs against loopback addresses, not {a}")
+    if replica:
+        with LagSampler(address, replica, token) as sampler:
+            row = run_load(address, records, clients, requests, max_seconds, token)
+        return {**row, **sampler.summary()}
     end = time.monotonic() + max_seconds
 
     def one_client(c: int) -> tuple[list[float], int]:
@@ -99,8 +154,12 @@ def memory_profile(address: str, records: list[EditRecord], journal: Path, count
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| clients | edits | refused | edits/s | ApplyEdit p50 ms | ApplyEdit p99 ms |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['clients']} | {r['edits']} | {r['refused']} | {r['edits_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |" for r in rows]
+    lag = "behind_max" in rows[0]
+    lines = ["| clients | edits | refused | edits/s | ApplyEdit p50 ms | ApplyEdit p99 ms |"
+             + (" replica behind p50 / max (revisions) | replica lag p50 / p99 ms |" if lag else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if lag else "")]
+    lines += [f"| {r['clients']} | {r['edits']} | {r['refused']} | {r['edits_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+              + (f" {r['behind_p50']:g} / {r['behind_max']} | {r['lag_p50_ms']:.0f} / {r['lag_p99_ms']:.0f} |" if lag else "") for r in rows]
     return "\n".join(lines)
 
 
@@ -114,9 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seconds", type=float, default=60)
     parser.add_argument("--world", default=str(WORLD), help="where the edit prompts come from")
     parser.add_argument("--token", default="", help="write token, when the server has one")
+    parser.add_argument("--replica", default="", help="a replica of the server: measure how far behind it follows")
     args = parser.parse_args(argv)
     records = World.load(args.world).edit_split("test").records
-    rows = [run_load(args.address, records, n, args.requests, args.max_seconds, args.token) for n in args.clients]
+    rows = [run_load(args.address, records, n, args.requests, args.max_seconds, args.token, args.replica) for n in args.clients]
     print(format_rows(rows))
 
 

@@ -104,7 +104,7 @@ class EditServicer(pb_grpc.EditServiceServicer):
                                 greedy_match=greedy, model_revision=revision)
 
     def GetModelInfo(self, request, context):
-        info = self.service.model_info()
+        info = self.service.model_info(weights_hash=request.weights_hash)
         return pb.GetModelInfoResponse(
             base_model_path=info["base_model_path"], base_model_hash=info["base_model_hash"],
             editor_path=info["editor_path"], editor_hash=info["editor_hash"], target_layers=info["targets"],

@@ -80,7 +80,7 @@ def test_a_replica_follows_the_leader_bit_for_bit_and_refuses_writes(open_servic
     leader = open_service()
     leader.apply([records[0]])
     replica = open_service(leader="leader.example:50051")  # catches up on start
-    assert replica.revision == 1 and replica.model_info()["weights_hash"] == leader.model_info()["weights_hash"]
+    assert replica.revision == 1 and replica.model_info(True)["weights_hash"] == leader.model_info(True)["weights_hash"]
     leader.apply(records[1:5])
     leader.apply([EditRecord(prompt=records[2].prompt, target_new=records[0].target_new)])  # supersedes
     leader.rollback_edit("edit-000002")
@@ -89,9 +89,9 @@ def test_a_replica_follows_the_leader_bit_for_bit_and_refuses_writes(open_servic
     assert replica.catch_up(max_revisions=2) == 3 and replica.revision == 3  # a bounded step: 3 revisions still to go
     assert replica.catch_up() == 0 and replica.revision == leader.revision == 6
     assert_same(weights(replica), weights(leader))
-    info = replica.model_info()
+    info = replica.model_info(weights_hash=True)
     assert (info["role"], info["leader"], info["journal_revision"]) == ("replica", "leader.example:50051", 6)
-    assert info["weights_hash"] == leader.model_info()["weights_hash"]
+    assert info["weights_hash"] == leader.model_info(True)["weights_hash"] != ""
     assert [(e.edit_id, e.active, e.superseded_by) for e in replica.list()] == [(e.edit_id, e.active, e.superseded_by) for e in leader.list()]
     before = weights(replica)
     for write in (lambda: replica.apply([records[8]]), lambda: replica.rollback_edit("edit-000001"), lambda: replica.rollback_to(0)):
@@ -126,9 +126,9 @@ def test_a_replica_server_reports_not_serving_while_behind_and_refuses_writes(op
             leader.apply([records[0]])  # NOTIFY wakes it long before poll_s
             wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
         wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING and service.revision == 1)
-        info = client.info()
+        info = client.info(weights_hash=True)
         assert (info.role, info.model_revision, info.journal_revision) == ("replica", 1, 1)
-        assert info.weights_hash == leader.model_info()["weights_hash"]
+        assert info.weights_hash == leader.model_info(True)["weights_hash"] != "" and client.info().weights_hash == ""
         with pytest.raises(grpc.RpcError) as err:
             client.apply(records[1])
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "leader at 127.0.0.1:1" in err.value.details()
@@ -157,12 +157,13 @@ def launch(name, tmp_path, pg_journal, models, *extra):
 
 def converged(leader, replicas, seconds=30):
     """Wait until every replica is at the leader's revision; then their weights' hashes must match."""
-    want = leader.info()
+    want = leader.info(weights_hash=True)
     end = time.monotonic() + seconds
     for r in replicas:
         while (info := r.info()).model_revision < want.model_revision:
             assert time.monotonic() < end, f"a replica is at revision {info.model_revision}, the leader at {want.model_revision}"
             time.sleep(0.02)
+        info = r.info(weights_hash=True)
         assert info.model_revision == want.model_revision and info.weights_hash == want.weights_hash
         assert info.active_edits == want.active_edits
 

@@ -223,8 +223,10 @@ class ScoreResponse(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., probability: _Optional[float] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., greedy_match: _Optional[bool] = ..., model_revision: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("weights_hash",)
+    WEIGHTS_HASH_FIELD_NUMBER: _ClassVar[int]
+    weights_hash: bool
+    def __init__(self, weights_hash: _Optional[bool] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("base_model_path", "base_model_hash", "editor_path", "editor_hash", "target_layers", "dtype", "device", "model_revision", "active_edits", "model_type", "editor_loaded", "role", "leader", "journal_revision", "weights_hash")
