@@ -348,14 +348,21 @@ class EditJournal:
             for seq, edit_id, rev, rec, pre, post, editor_hash, request_id, created, active, last, by, applied_by, last_by in rows
         ]
 
-    def load_key_values(self, seq: int) -> KeyValues:
+    def load_key_values(self, seqs: list[int]) -> dict[int, KeyValues]:
+        """{seq: its keys and values per layer} for these edits, read in one query."""
+        rows, seqs = [], list(seqs)
         with self._lock:
-            row = self._db.execute("SELECT data FROM edits WHERE seq=?", (seq,)).fetchone()
-        if row is None:
-            raise EditNotFoundError(f"no edit with sequence number {seq}")
-        flat = load(bytes(row[0]))
-        names = sorted({k.rsplit(".", 1)[0] for k in flat})
-        return {n: (flat[f"{n}.keys"], flat[f"{n}.values"]) for n in names}
+            for i in range(0, len(seqs), 500):  # SQLite takes a bounded number of parameters per statement
+                chunk = seqs[i : i + 500]
+                rows += self._db.execute(f"SELECT seq, data FROM edits WHERE seq IN ({', '.join('?' * len(chunk))})", tuple(chunk)).fetchall()
+        missing = set(seqs) - {seq for seq, _ in rows}
+        if missing:
+            raise EditNotFoundError(f"no edits with sequence numbers {sorted(missing)}")
+        out = {}
+        for seq, data in rows:
+            flat = load(bytes(data))
+            out[seq] = {n: (flat[f"{n}.keys"], flat[f"{n}.values"]) for n in sorted({k.rsplit(".", 1)[0] for k in flat})}
+        return out
 
     # ------------------------------------------------------------------ writes
 

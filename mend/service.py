@@ -147,12 +147,14 @@ class EditService:
             return latest - self.revision
         with self.state.lock.write():
             changes = self.journal.changes(self.revision, upto)
-            loaded: dict[int, KeyValues] = {}
+            wanted = {s for _, changed in changes for s, st in changed.items() if st.active}  # each read once
+            loaded = {s: kv for s, kv in self.state.active.items() if s in wanted}
+            loaded.update(self.journal.load_key_values(sorted(wanted - set(loaded))))
 
             def steps():
                 on = set(self.state.active)
                 for _, changed in changes:
-                    add = {s: loaded.setdefault(s, self.journal.load_key_values(s)) for s, st in changed.items() if st.active and s not in on}
+                    add = {s: loaded[s] for s, st in changed.items() if st.active and s not in on}
                     remove = [s for s, st in changed.items() if not st.active and s in on]
                     for kv in add.values():
                         self.state.check(kv)
@@ -443,8 +445,8 @@ class EditService:
         was = set(self.state.active)
         remove = [s for s in was if not resolved.get(s, ROLLED_BACK).active]
         new = new or {}
-        add = {s: new[s] if s in new else self.journal.load_key_values(s)
-               for s, st in sorted(resolved.items()) if st.active and s not in was}
+        stored = self.journal.load_key_values([s for s, st in resolved.items() if st.active and s not in was and s not in new])
+        add = {s: new[s] if s in new else stored[s] for s, st in sorted(resolved.items()) if st.active and s not in was}
         return states, self.state.propose(remove, add)
 
     def _commit(self, states: dict[int, EditState], change: Change, weights: dict[str, torch.Tensor] | None = None) -> None:

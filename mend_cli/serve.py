@@ -97,8 +97,8 @@ def loadtest_cmd(cfg: DictConfig) -> None:
             if not replica:
                 memory = memory_profile(address, records + world.edit_split("val").records, Path(journal), cfg.loadtest.memory_edits)
             service.rollback_to(0)
-            rows = [run_load(address, records, n, cfg.loadtest.requests, cfg.loadtest.max_seconds, replica=replica)
-                    for n in cfg.loadtest.clients]
+            rows = [run_load(address, records, n, cfg.loadtest.requests, cfg.loadtest.max_seconds, replica=replica,
+                             leader_revision=lambda: service.revision) for n in cfg.loadtest.clients]
             with service.state.lock.read():
                 fwd_bwd = statistics.median(forward_backward_seconds(service.model, service.tokenizer, r) for r in records[:21])
         finally:

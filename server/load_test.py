@@ -36,18 +36,19 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 class LagSampler:
-    """Polls the leader's and a replica's revision (GetModelInfo) every `interval` s until stopped."""
+    """Polls the leader's revision (`leader_revision()`) and a replica's (GetModelInfo) every `interval` s."""
 
-    def __init__(self, leader: str, replica: str, token: str = "", interval: float = 0.005):
-        self.clients = [EditClient(a, token=token, timeout=10) for a in (leader, replica)]
+    def __init__(self, leader_revision, replica: str, token: str = "", interval: float = 0.005):
+        self.leader_revision, self.client = leader_revision, EditClient(replica, token=token, timeout=10)
         self.interval, self.samples = interval, []  # (seconds, leader revision, replica revision)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            leader, replica = (c.info().model_revision for c in self.clients)
-            self.samples.append((time.perf_counter(), leader, replica))
+            began, leader = time.perf_counter(), self.leader_revision()
+            replica = self.client.info().model_revision  # as of about the middle of the call
+            self.samples.append((began, leader, (began + time.perf_counter()) / 2, replica))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "LagSampler":
@@ -56,37 +57,40 @@ class LagSampler:
 
     def __exit__(self, *exc) -> None:
         end = time.monotonic() + 30  # let the replica finish: the last revisions' lag counts too
-        while self.samples and self.samples[-1][2] < self.samples[-1][1] and time.monotonic() < end:
+        while self.samples and self.samples[-1][3] < self.samples[-1][1] and time.monotonic() < end:
             time.sleep(self.interval)
         self._stop.set()
         self._thread.join()
-        for c in self.clients:
-            c.close()
+        self.client.close()
 
     def summary(self) -> dict:
-        """Revisions behind (over samples) and ms behind (over revisions: first seen on the replica
-        minus first seen on the leader)."""
-        behind = [max(0, lead - rep) for _, lead, rep in self.samples]
-        seen: dict[int, list[float]] = {}
-        for t, lead, rep in self.samples:
-            for revision, side in ((lead, 0), (rep, 1)):
-                seen.setdefault(revision, [None, None])
-                if seen[revision][side] is None:
-                    seen[revision][side] = t
-        first = self.samples[0][1] if self.samples else 0
-        ms = [1000 * max(0.0, r - l) for rev, (l, r) in seen.items() if rev > first and l is not None and r is not None]
+        """Revisions behind (over samples) and ms behind (over revisions: when the replica was first
+        seen at or past a revision, minus when the leader was)."""
+        behind = [max(0, lead - rep) for _, lead, _, rep in self.samples]
+        ms = []
+        if self.samples:
+            for revision in range(self.samples[0][1] + 1, self.samples[-1][1] + 1):
+                lead = next(t for t, r, _, _ in self.samples if r >= revision)
+                rep = next((t for _, _, t, r in self.samples if r >= revision), None)
+                if rep is not None:
+                    ms.append(1000 * max(0.0, rep - lead))
         return {"behind_p50": statistics.median(behind) if behind else 0, "behind_max": max(behind, default=0),
                 "lag_p50_ms": statistics.median(ms) if ms else 0.0, "lag_p99_ms": _percentile(ms, 0.99) if ms else 0.0}
 
 
 def run_load(address: str, records: list[EditRecord], clients: int, requests: int, max_seconds: float, token: str = "",
-             replica: str = "") -> dict:
+             replica: str = "", leader_revision=None) -> dict:
+    """`replica`: also sample how far that replica is behind; the leader's revision comes from
+    `leader_revision()`, by default from GetModelInfo (which then takes one of the leader's call slots)."""
     for a in filter(None, (address, replica)):
         if not a.startswith(("127.", "localhost", "[::1]")):
             raise ValueError(f"the load test only runs against loopback addresses, not {a}")
     if replica:
-        with LagSampler(address, replica, token) as sampler:
+        leader = None if leader_revision else EditClient(address, token=token, timeout=10)
+        with LagSampler(leader_revision or (lambda: leader.info().model_revision), replica, token) as sampler:
             row = run_load(address, records, clients, requests, max_seconds, token)
+        if leader is not None:
+            leader.close()
         return {**row, **sampler.summary()}
     end = time.monotonic() + max_seconds
 

@@ -212,8 +212,8 @@ def test_edits_are_computed_on_the_base_model_so_order_does_not_matter(open_serv
     ba.apply([records[1]])
     ba.apply([records[0]])
     assert_same_up_to_rounding(weights(ab), weights(ba))
-    ab_keys = ab.journal.load_key_values(2)  # edit B's rows do not depend on A being active
-    ba_keys = ba.journal.load_key_values(1)
+    ab_keys = ab.journal.load_key_values([2])[2]  # edit B's rows do not depend on A being active
+    ba_keys = ba.journal.load_key_values([1])[1]
     assert all(torch.equal(ab_keys[n][0], ba_keys[n][0]) and torch.equal(ab_keys[n][1], ba_keys[n][1]) for n in ab_keys)
     only_b = open_service(journal=tmp_path / "b")
     only_b.apply([records[1]])
@@ -262,7 +262,8 @@ def test_a_thousand_edits_in_chunks_of_a_hundred_keep_journal_and_weights_consis
     live = weights(service)
     # the live weights are the base weights plus one least-squares solve over every active edit's rows
     for name, t in service.state.targets.items():
-        rows = [service.journal.load_key_values(s)[name] for s in range(1, 1001)]
+        stored = service.journal.load_key_values(range(1, 1001))
+        rows = [stored[s][name] for s in range(1, 1001)]
         u, d = torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
         s = solve(service.method.editor.base_eigen(name), u, d)
         torch.testing.assert_close(live[name], base[name] + t.to_weight_layout(s).float(), rtol=1e-5, atol=1e-6)
