@@ -16,6 +16,8 @@ Semantics
   restores the exact set of edits live at revision r, as a new revision (revisions only grow).
 - Every acknowledged apply or rollback is in the journal before the call returns; a restart
   replays the journal's revisions to the same weights, bit for bit, and the same revision.
+- A read replica (`leader` given) refuses writes and follows the journal another service writes
+  with the same replay (`catch_up`), so at each revision its weights equal the writer's bit for bit.
 """
 
 from __future__ import annotations
