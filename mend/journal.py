@@ -312,6 +312,11 @@ class EditJournal:
             out.setdefault(revision, {})[seq] = EditState(bool(active), by)
         return list(out.items())
 
+    def editor_hashes(self) -> set[str]:
+        """The hashes of the editors that made the journal's edits."""
+        with self._lock:
+            return {h for (h,) in self._db.execute("SELECT DISTINCT editor_hash FROM edits").fetchall()}
+
     def next_seq(self) -> int:
         """The sequence number the next applied edit gets (the caller serialises applies)."""
         with self._lock:

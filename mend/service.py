@@ -166,12 +166,7 @@ class EditService:
 
             self.state.replay(steps())
             for _, changed in changes:
-                for s, st in changed.items():
-                    if st.live:
-                        self._states[s] = st
-                    else:
-                        self._states.pop(s, None)
-                        self._facts.pop(s, None)
+                self._note_states(changed)
             self._load_facts(self._states)
             self.revision = upto
         return latest - upto
@@ -198,8 +193,12 @@ class EditService:
         info = {"base_model_path": str(Path(base_model).resolve()), "base_model_hash": base_hash,
                 "editor_path": str(Path(editor).resolve()) if editor else "", "editor_hash": editor_hash(editor) if editor else "",
                 "dtype": dtype, "device": str(next(model.parameters()).device), "model_type": model.config.model_type}
-        return cls(model, tokenizer, EditJournal(journal, base_hash, writer=leader is None), targets, edit_net, locality, limits,
-                   info, leader)
+        journal_ = EditJournal(journal, base_hash, writer=leader is None)
+        if leader and (others := journal_.editor_hashes() - {info["editor_hash"]}):
+            journal_.close()  # a replica with another editor would combine the same rows into other weights
+            raise StateConflictError(f"the journal's edits were made with editor {sorted(others)[0][:12]}, not this replica's "
+                                     f"{info['editor_hash'][:12] or '(none)'}: start the replica with the leader's editor")
+        return cls(model, tokenizer, journal_, targets, edit_net, locality, limits, info, leader)
 
     def close(self) -> None:
         self.journal.close()
@@ -454,6 +453,10 @@ class EditService:
     def _commit(self, states: dict[int, EditState], change: Change, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write a journaled transition into the weights and the in-memory states."""
         self.state.commit(change, weights)
+        self._note_states(states)
+
+    def _note_states(self, states: dict[int, EditState]) -> None:
+        """Keep the live edits' states (and their fact keys) in memory."""
         for s, st in states.items():
             if st.live:
                 self._states[s] = st

@@ -79,6 +79,24 @@ def assert_same_up_to_rounding():
 
 
 @pytest.fixture
+def open_service(trained_gpt2_dir, tiny_editor_dir, world, tmp_path):
+    """open_service(editor=, journal=, leader=, **limits) -> an EditService on the tiny trained model; all closed at the end."""
+    from mend.service import EditService, ServiceLimits
+
+    opened = []
+
+    def make(editor=tiny_editor_dir, journal=tmp_path / "journal", leader=None, **limits):
+        s = EditService.open(str(trained_gpt2_dir), str(editor) if editor else None, str(journal), device="cpu",
+                             locality=world.locality_probes(), limits=ServiceLimits(**limits), n_last_blocks=2, leader=leader)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
 def gpt2(gpt2_dir):
     return load_model(gpt2_dir, device="cpu")
 

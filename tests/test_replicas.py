@@ -1,9 +1,11 @@
 """A journal in a real PostgreSQL server (started by the `postgres` fixture) and read replicas that
 follow it: in process first, then a leader and two replicas as real `mend serve` processes."""
 
+import functools
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,18 +26,8 @@ from server.client import EditClient
 
 
 @pytest.fixture
-def open_service(trained_gpt2_dir, tiny_editor_dir, world, pg_journal):
-    opened = []
-
-    def make(**kw):
-        s = EditService.open(str(trained_gpt2_dir), str(tiny_editor_dir), pg_journal, device="cpu",
-                             locality=world.locality_probes(), n_last_blocks=2, **kw)
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        s.close()
+def open_service(open_service, pg_journal):  # the shared fixture, on a new PostgreSQL database
+    return functools.partial(open_service, journal=pg_journal)
 
 
 @pytest.fixture
@@ -76,7 +68,7 @@ def test_a_postgresql_journal_keeps_the_guarantees_of_the_embedded_one(open_serv
     assert_same(weights(reopened), base)
 
 
-def test_a_replica_follows_the_leader_bit_for_bit_and_refuses_writes(open_service, records):
+def test_a_replica_follows_the_leader_bit_for_bit_and_refuses_writes(open_service, records, tmp_path, tiny_editor_dir):
     leader = open_service()
     leader.apply([records[0]])
     replica = open_service(leader="leader.example:50051")  # catches up on start
@@ -100,6 +92,11 @@ def test_a_replica_follows_the_leader_bit_for_bit_and_refuses_writes(open_servic
     assert_same(weights(replica), before)
     assert leader.journal.revision == 6
     assert replica.apply([records[8]], dry_run=True).edits[0].post  # a preview writes nothing: replicas answer it
+    other = tmp_path / "other-editor"
+    shutil.copytree(tiny_editor_dir, other)
+    (other / "editor.json").write_text((other / "editor.json").read_text() + "\n")  # another editor (by hash)
+    with pytest.raises(StateConflictError, match="start the replica with the leader's editor"):
+        open_service(editor=other, leader="leader.example:50051")
 
 
 def test_a_replica_server_reports_not_serving_while_behind_and_refuses_writes(open_service, records):

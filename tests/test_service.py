@@ -10,22 +10,7 @@ from mend.aggregation import solve
 from mend.errors import EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError, UnstableEditError
 from mend.models import load_model
 from mend.records import EditRecord
-from mend.service import EditService, ServiceLimits
-
-
-@pytest.fixture
-def open_service(trained_gpt2_dir, tiny_editor_dir, world, tmp_path):
-    opened = []
-
-    def make(editor=tiny_editor_dir, journal=tmp_path / "journal", **limits):
-        s = EditService.open(str(trained_gpt2_dir), str(editor) if editor else None, str(journal), device="cpu",
-                             locality=world.locality_probes(), limits=ServiceLimits(**limits), n_last_blocks=2)
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        s.close()
+from mend.service import EditService
 
 
 @pytest.fixture
