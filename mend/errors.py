@@ -47,5 +47,9 @@ class UnstableEditError(StateConflictError):
     inputs drift out of their range (see the sequential rows of `mend eval`)."""
 
 
+class JournalUnavailableError(MendError):
+    """The journal's database cannot be reached; the message says whether anything may have been written."""
+
+
 class NotLeaderError(StateConflictError):
     """A write was sent to a read replica; the message names the leader that takes writes."""

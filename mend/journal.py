@@ -31,14 +31,14 @@ import shutil
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import load, save
 
 from mend.aggregation import KeyValues
-from mend.errors import EditNotFoundError, StateConflictError
+from mend.errors import EditNotFoundError, JournalUnavailableError, StateConflictError
 from mend.records import EditRecord
 
 FORMAT = "4"  # 4: keys and values in the database; 3: one safetensors file per edit; 2: without authors (both upgraded in place)
@@ -77,6 +77,10 @@ def redacted(location: str | Path) -> str:
     scheme, rest = text.split("://", 1)
     user, host = rest.rsplit("@", 1)
     return f"{scheme}://{user.split(':', 1)[0]}:***@{host}" if ":" in user else text
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class _SQLite:
@@ -127,38 +131,70 @@ class _Postgres:
         self.psycopg, self.url, self.writer = psycopg, url, writer
         self.conn = self._connect()
         self._listener = None
+        self._in_transaction = False
 
     def _connect(self):
         try:
             conn = self.psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         except self.psycopg.OperationalError as e:
-            raise StateConflictError(f"cannot connect to the journal database {redacted(self.url)}: {e}".strip()) from None
+            raise JournalUnavailableError(f"cannot connect to the journal database {redacted(self.url)} ({_first_line(e)}); "
+                                          "nothing was written: retry when it is reachable") from None
         if self.writer and not conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK,)).fetchone()[0]:
             conn.close()
             raise StateConflictError(f"another server is writing to the journal {redacted(self.url)}: send edits to it, "
                                      "or start this one as a replica (server.role=replica)")
         return conn
 
-    def _live(self):
-        if self.conn.broken:  # the database restarted: reconnect (and take the writer's lock again)
-            self.conn = self._connect()
-        return self.conn
+    @contextmanager
+    def _unavailable(self):
+        try:
+            yield
+        except self.psycopg.OperationalError as e:
+            raise JournalUnavailableError(
+                f"the journal database {redacted(self.url)} became unreachable ({_first_line(e)}): "
+                "retry; with the same request_id a write that did commit is not applied twice") from None
+
+    def _first(self, sql: str, args=()):
+        """Run a statement that starts something (a read, a BEGIN): on a connection the database dropped
+        (a restart, a terminated session), once more on a new one, which takes the writer's lock again."""
+        with self._unavailable():
+            try:
+                return self.conn.execute(sql, args)
+            except self.psycopg.OperationalError:
+                if not self.conn.broken:
+                    raise
+                self.conn = self._connect()
+                return self.conn.execute(sql, args)
 
     def execute(self, sql: str, args=()):
-        return self._live().execute(sql.replace("?", "%s"), args)
+        sql = sql.replace("?", "%s")
+        if self._in_transaction:
+            with self._unavailable():
+                return self.conn.execute(sql, args)
+        return self._first(sql, args)
 
-    def executemany(self, sql: str, rows) -> None:
-        with self._live().cursor() as cur:
+    def executemany(self, sql: str, rows) -> None:  # only inside a transaction
+        with self._unavailable(), self.conn.cursor() as cur:
             cur.executemany(sql.replace("?", "%s"), rows)
 
     @contextmanager
     def transaction(self, lock: int = WRITER_LOCK):
-        with self._live().transaction():
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))  # one at a time
+        self._first("BEGIN")
+        self._in_transaction = True
+        try:
+            self.execute("SELECT pg_advisory_xact_lock(?)", (lock,))  # one at a time
             yield
+            self.execute("COMMIT")
+        except BaseException:
+            if not self.conn.broken:
+                with suppress(self.psycopg.OperationalError):  # the error that got here is the one to report
+                    self.conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._in_transaction = False
 
     def notify(self, revision: int) -> None:  # inside the write transaction: delivered at its commit
-        self.conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
+        self.execute("SELECT pg_notify(?, ?)", (CHANNEL, str(revision)))
 
     def wait(self, timeout: float) -> None:
         """Until a revision is committed (LISTEN), or `timeout` seconds: polling stays the fallback."""

@@ -148,28 +148,40 @@ class EditService:
         if upto <= self.revision:
             return latest - self.revision
         with self.state.lock.write():
-            changes = self.journal.changes(self.revision, upto)
-            wanted = {s for _, changed in changes for s, st in changed.items() if st.active}  # each read once
-            loaded = {s: kv for s, kv in self.state.active.items() if s in wanted}
-            loaded.update(self.journal.load_key_values(sorted(wanted - set(loaded))))
-
-            def steps():
-                on = set(self.state.active)
-                for _, changed in changes:
-                    add = {s: loaded[s] for s, st in changed.items() if st.active and s not in on}
-                    remove = [s for s, st in changed.items() if not st.active and s in on]
-                    for kv in add.values():
-                        self.state.check(kv)
-                    on = (on - set(remove)) | set(add)
-                    if add or remove:
-                        yield remove, add
-
-            self.state.replay(steps())
-            for _, changed in changes:
-                self._note_states(changed)
-            self._load_facts(self._states)
-            self.revision = upto
+            self._replay_to(upto)
         return latest - upto
+
+    def _resync(self) -> None:
+        """Before a write (caller holds the write lock): apply what the journal has beyond the served
+        revision. Only a write whose commit was reported failed (the database connection dropped
+        during COMMIT) but happened, or a writer that held the journal meanwhile, leaves any."""
+        if (latest := self.journal.revision) > self.revision:
+            log.warning("the journal is at revision %d, the served model at %d: applying the difference", latest, self.revision)
+            self._replay_to(latest)
+
+    def _replay_to(self, upto: int) -> None:
+        """Apply the journal's revisions up to `upto` (caller holds the write lock)."""
+        changes = self.journal.changes(self.revision, upto)
+        wanted = {s for _, changed in changes for s, st in changed.items() if st.active}  # each read once
+        loaded = {s: kv for s, kv in self.state.active.items() if s in wanted}
+        loaded.update(self.journal.load_key_values(sorted(wanted - set(loaded))))
+
+        def steps():
+            on = set(self.state.active)
+            for _, changed in changes:
+                add = {s: loaded[s] for s, st in changed.items() if st.active and s not in on}
+                remove = [s for s, st in changed.items() if not st.active and s in on]
+                for kv in add.values():
+                    self.state.check(kv)
+                on = (on - set(remove)) | set(add)
+                if add or remove:
+                    yield remove, add
+
+        self.state.replay(steps())
+        for _, changed in changes:
+            self._note_states(changed)
+        self._load_facts(self._states)
+        self.revision = upto
 
     def _load_facts(self, seqs) -> None:
         """The superseding keys of these edits, read from the journal where not known yet."""
@@ -332,6 +344,7 @@ class EditService:
         gets its result or its own error."""
         todo, repeats = [], []
         try:
+            self._resync()
             for c in calls:
                 try:
                     if (replay := self._replayed(c)) is not None:
@@ -481,6 +494,7 @@ class EditService:
         """Roll back an active or superseded edit; what it superseded comes back."""
         self._require_leader()
         with self.state.lock.write():
+            self._resync()
             edit = self.journal.get(edit_id)
             if edit.seq not in self._states:
                 raise StateConflictError(f"edit {edit_id} was already rolled back (revision {edit.rolled_back_at})")
@@ -495,6 +509,7 @@ class EditService:
             raise InvalidEditError(f"revision {revision} is negative; 0 is the base model")
         self._require_leader()
         with self.state.lock.write():
+            self._resync()
             if revision > self.revision:
                 raise EditNotFoundError(f"no revision {revision}: the current revision is {self.revision}")
             live = {s for s, st in self.journal.states(revision).items() if st.live}

@@ -24,7 +24,7 @@ import grpc
 import yaml
 
 from mend.errors import (CheckpointMismatchError, ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError,
-                         MendError, NoEditorError, StateConflictError, TargetResolutionError)
+                         JournalUnavailableError, MendError, NoEditorError, StateConflictError, TargetResolutionError)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ STATUS_OF = {  # most specific class first; the first match along the exception'
     StateConflictError: grpc.StatusCode.FAILED_PRECONDITION,
     CheckpointMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    JournalUnavailableError: grpc.StatusCode.UNAVAILABLE,
     MendError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

@@ -149,9 +149,12 @@ class Postgres:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self._run("initdb", "-D", f"{root}/data", "-U", "mend", "--auth=trust", "-E", "UTF8", "--no-sync")
-        self._run("pg_ctl", "-D", f"{root}/data", "-l", f"{root}/log", "-w", "-o",
-                  f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
+        self.start()
         self.url = f"postgresql://mend@127.0.0.1:{self.port}"
+
+    def start(self):
+        self._run("pg_ctl", "-D", f"{self.root}/data", "-l", f"{self.root}/log", "-w", "-o",
+                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start")
 
     def _run(self, tool, *args):
         import subprocess
@@ -168,8 +171,8 @@ class Postgres:
             conn.execute(f"CREATE DATABASE journal_{self.n}")
         return f"{self.url}/journal_{self.n}"
 
-    def stop(self):
-        self._run("pg_ctl", "-D", f"{self.root}/data", "-m", "immediate", "-w", "stop")
+    def stop(self, mode="immediate"):
+        self._run("pg_ctl", "-D", f"{self.root}/data", "-m", mode, "-w", "stop")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mend.errors import NotLeaderError, StateConflictError
+from mend.errors import JournalUnavailableError, NotLeaderError, StateConflictError
 from mend.models import load_model
 from mend.records import EditRecord
 from mend.service import EditService
@@ -97,6 +97,36 @@ def test_a_replica_follows_the_leader_bit_for_bit_and_refuses_writes(open_servic
     (other / "editor.json").write_text((other / "editor.json").read_text() + "\n")  # another editor (by hash)
     with pytest.raises(StateConflictError, match="start the replica with the leader's editor"):
         open_service(editor=other, leader="leader.example:50051")
+
+
+def test_lost_database_connections_are_replaced_and_a_writer_catches_up_on_what_it_missed(open_service, records, postgres,
+                                                                                          pg_journal):
+    import psycopg
+
+    leader, replica = open_service(), open_service(leader="leader.example:50051")
+    leader.apply([records[0]])
+    with psycopg.connect(pg_journal, autocommit=True) as admin:  # drop every session of the journal: the leader's lock goes
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname=current_database() AND pid<>pg_backend_pid()")
+    other = open_service()  # another writer takes the journal meanwhile and writes revision 2
+    other.apply([records[1]])
+    other.close()
+    assert leader.apply([records[2]]).revision == 3  # a new connection, the lock again, revision 2 applied first
+    assert replica.catch_up() == 0 and replica.revision == 3
+    fresh = open_service(leader="leader.example:50051")
+    assert_same(weights(leader), weights(fresh))
+    assert_same(weights(replica), weights(fresh))
+    before = weights(leader)
+    postgres.stop("fast")  # the database is down: writes fail cleanly and change nothing
+    try:
+        with pytest.raises(JournalUnavailableError, match="journal database .* retry"):
+            leader.apply([records[3]])
+        with pytest.raises(JournalUnavailableError):
+            leader.rollback_edit("edit-000001")
+        assert_same(weights(leader), before) and leader.revision == 3
+    finally:
+        postgres.start()
+    assert leader.apply([records[3]]).revision == 4 and replica.catch_up() == 0
+    assert_same(weights(replica), weights(leader))
 
 
 def test_a_replica_server_reports_not_serving_while_behind_and_refuses_writes(open_service, records):
