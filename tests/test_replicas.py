@@ -99,6 +99,16 @@ def test_a_replica_follows_the_leader_bit_for_bit_and_refuses_writes(open_servic
         open_service(editor=other, leader="leader.example:50051")
 
 
+def test_a_replica_follows_an_embedded_sqlite_journal_by_polling(open_service, records, tmp_path):
+    leader = open_service(journal=tmp_path / "journal")
+    leader.apply(records[:3])
+    replica = open_service(journal=tmp_path / "journal", leader="leader.example:50051")
+    leader.rollback_edit("edit-000002")
+    leader.apply([records[3]])
+    assert replica.catch_up() == 0 and replica.revision == leader.revision == 3
+    assert_same(weights(replica), weights(leader))
+
+
 def test_lost_database_connections_are_replaced_and_a_writer_catches_up_on_what_it_missed(open_service, records, postgres,
                                                                                           pg_journal):
     import psycopg
