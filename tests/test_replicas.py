@@ -238,6 +238,12 @@ def test_a_leader_and_two_replica_processes_agree_bit_for_bit_through_kills(tmp_
     try:
         stream(100)
         converged(leader, [c for _, c in replicas])
+        for _, replica in replicas:  # the reads a replica answers, as the leader does
+            r = records[5]
+            assert replica.generate(r.prompt, 4) == leader.generate(r.prompt, 4)
+            assert replica.score(r.prompt, r.target_new).token_logprobs == leader.score(r.prompt, r.target_new).token_logprobs
+            assert [(e.edit_id, e.active) for e in replica.edits()] == [(e.edit_id, e.active) for e in leader.edits()]
+            assert replica.get("edit-000001") == leader.get("edit-000001")
         with pytest.raises(grpc.RpcError) as err:
             replicas[0][1].apply(records[0])
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "leader.example:50051" in err.value.details()
