@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from mend.errors import ConfigError
+from mend.errors import ConfigError, MendError
 from mend.service import EditService
 from server.api.mend.v1 import editing_pb2, editing_pb2_grpc
 from server.interceptor import ServiceInterceptor, Token, load_tokens
@@ -190,17 +190,21 @@ class MendServer:
             try:
                 if not behind:
                     service.journal.wait(self.cfg.poll_s)
-                behind = service.journal.revision - service.revision
-                self._set_health(behind <= self.cfg.max_lag)
-                self.holder.metrics.behind.set(behind)
+                self._report_lag(service.journal.revision - service.revision)
                 behind = service.catch_up(max_revisions=100)
-                self._set_health(behind <= self.cfg.max_lag)
-                self.holder.metrics.behind.set(behind)
-            except Exception:
-                log.exception("following the journal failed; retrying in %.1f s", self.cfg.poll_s)
+                self._report_lag(behind)
+            except Exception as e:
+                if isinstance(e, MendError):  # the journal's database unreachable, and the like: no trace every poll
+                    log.warning("following the journal failed: %s; retrying in %.1f s", e, self.cfg.poll_s)
+                else:
+                    log.exception("following the journal failed; retrying in %.1f s", self.cfg.poll_s)
                 self._set_health(False)
                 self._stopping.wait(self.cfg.poll_s)
                 behind = 0
+
+    def _report_lag(self, behind: int) -> None:
+        self._set_health(behind <= self.cfg.max_lag)
+        self.holder.metrics.behind.set(behind)
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish, close the journal."""
