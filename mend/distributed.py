@@ -7,8 +7,9 @@ rows) so that every rank solves the same least-squares update over the global ba
 scores its share of the edits and unrelated facts, normalised by the global counts, so that the
 ranks' losses sum to the single-process loss; DistributedDataParallel averages the editor's
 gradients, so each rank's loss is scaled by N. The normalisation statistics are updated with the
-gathered rows and C₀ is summed over ranks: every rank holds the same editor at every step, and rank
-0 validates, saves and logs. Backends: NCCL on CUDA, gloo on the CPU.
+gathered rows and C₀ is summed over ranks: every rank holds the same editor at every step. Every
+rank runs every pass of the base model, validation included (with FSDP each pass gathers the
+model's parameters from all ranks); rank 0 saves and logs. Backends: NCCL on CUDA, gloo on the CPU.
 """
 
 from __future__ import annotations

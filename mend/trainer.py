@@ -11,7 +11,7 @@ learns what to produce for it; λ_l and μ_l are learned with it), and scores th
 Validation edits held-out entities every `val_every` steps; the best checkpoint is kept and
 training stops early after `patience` validations without improvement. Under torchrun each rank
 computes its share of every step and the least-squares solve spans all ranks' edits
-(`mend.distributed`); rank 0 validates, saves and logs.
+(`mend.distributed`); every rank validates (with FSDP every pass needs them all), rank 0 saves and logs.
 """
 
 from __future__ import annotations
