@@ -40,7 +40,7 @@ class LagSampler:
 
     def __init__(self, leader_revision, replica: str, token: str = "", interval: float = 0.005):
         self.leader_revision, self.client = leader_revision, EditClient(replica, token=token, timeout=10)
-        self.interval, self.samples = interval, []  # (seconds, leader revision, replica revision)
+        self.interval, self.samples = interval, []  # (time read, leader revision, time answered, replica revision)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -87,10 +87,12 @@ def run_load(address: str, records: list[EditRecord], clients: int, requests: in
             raise ValueError(f"the load test only runs against loopback addresses, not {a}")
     if replica:
         leader = None if leader_revision else EditClient(address, token=token, timeout=10)
-        with LagSampler(leader_revision or (lambda: leader.info().model_revision), replica, token) as sampler:
-            row = run_load(address, records, clients, requests, max_seconds, token)
-        if leader is not None:
-            leader.close()
+        try:
+            with LagSampler(leader_revision or (lambda: leader.info().model_revision), replica, token) as sampler:
+                row = run_load(address, records, clients, requests, max_seconds, token)
+        finally:
+            if leader is not None:
+                leader.close()
         return {**row, **sampler.summary()}
     end = time.monotonic() + max_seconds
 
