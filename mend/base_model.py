@@ -61,8 +61,6 @@ class BaseModelConfig:
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.bf16 not in (True, False, "true", "false", "auto"):
-            raise ConfigError(f"bf16 must be true, false or auto, not {self.bf16!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
         if self.statement_loss not in ("all", "answer"):
@@ -130,13 +128,13 @@ def _text_chunks(tokenizer, paragraphs: list[str], size: int, rng: random.Random
 def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict:
     """Train a base model on its corpus into `out_dir`; returns (and writes) its accuracy report and
     the corpus recipe."""
+    device = resolve_device(cfg.device)
+    bf16 = bf16_autocast(cfg.bf16, device)  # first: a wrong setting fails before the corpus is read
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     corpus = build_corpus(cfg.corpus, cfg.world_path, cfg.shared_data, cfg.extra_facts, cfg.text_holdout_chars)
     sentences = [f"{f.prompt} {f.answer}" for f in corpus.statements]
     tokenizer = train_tokenizer(sentences + corpus.text, cfg.vocab_size, cfg.n_positions)
-    device = resolve_device(cfg.device)
-    bf16 = bf16_autocast(cfg.bf16, device)
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
