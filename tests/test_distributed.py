@@ -22,11 +22,21 @@ def train(out, trained_gpt2_dir, world_path, launcher, *extra):
     return result
 
 
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to within 1e-3 of the tensor's largest entry. The ranks sum keys, losses and gradients in
+    another order, and the solve and Adam's first steps amplify those roundings: measured 1e-7
+    relative on CPUs with AVX512, up to 1.6e-4 of a network weight's scale (and 3.5e-6 absolute in
+    C₀'s near-zero entries) on an AVX2-only CPU. A distribution bug (a rank's rows missing from a
+    sum, a gradient not averaged) moves them by tens of percent."""
+    a, b = a.double(), b.double()
+    return bool(((a - b).abs() <= 1e-3 * a.abs().max() + 1e-12).all())
+
+
 @pytest.mark.slow
 def test_two_ddp_processes_train_the_editor_one_process_trains(tmp_path, trained_gpt2_dir, world_path):
     """Steps of 1, 3 and 8 edits (a rank with no edit of its own, then uneven shares), locality and C₀
-    facts split between the ranks: the editor equals the single-process one to float32 rounding
-    (the ranks sum losses, gradients and C₀ in another order: 1e-5 relative, measured ~1e-7)."""
+    facts split between the ranks: the editor equals the single-process one up to the rounding of
+    another summation order (`close`)."""
     single = train(tmp_path / "single", trained_gpt2_dir, world_path, [sys.executable, "-m", "mend_cli.main"])
     torchrun = [shutil.which("torchrun") or f"{os.path.dirname(sys.executable)}/torchrun", "--standalone", "--nproc_per_node=2",
                 "--no-python", shutil.which("mend") or f"{os.path.dirname(sys.executable)}/mend"]
@@ -36,7 +46,7 @@ def test_two_ddp_processes_train_the_editor_one_process_trains(tmp_path, trained
     a, b = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("single", "ddp"))
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-5, atol=1e-7), (k, (a[k].double() - b[k].double()).abs().max())
+        assert close(a[k], b[k]), (k, (a[k].double() - b[k].double()).abs().max(), a[k].double().abs().max())
     moved = [k for k in a if "up." in k and a[k].abs().max() > 0]
     assert moved  # the networks trained: their output projections start at zero
     meta = {d: json.loads((tmp_path / d / "editor.json").read_text()) for d in ("single", "ddp")}
@@ -47,4 +57,4 @@ def test_two_ddp_processes_train_the_editor_one_process_trains(tmp_path, trained
     assert "base model sharded: FSDP" in fsdp.stdout
     c = load_file(tmp_path / "fsdp" / "editor.safetensors")
     for k in a:
-        assert torch.allclose(a[k].double(), c[k].double(), rtol=1e-5, atol=1e-7), (k, (a[k].double() - c[k].double()).abs().max())
+        assert close(a[k], c[k]), (k, (a[k].double() - c[k].double()).abs().max(), a[k].double().abs().max())
