@@ -263,6 +263,30 @@ def bench(cfg: DictConfig) -> None:
     print(f"  start-up replay of the journal ({served['replayed_active']} active edits): {served['replay_s']:.1f} s")
 
 
+def sites(cfg: DictConfig) -> None:
+    import random
+
+    from mend.harness import select_records
+    from mend.sites import site_report
+    from mend.targets import resolve_targets
+
+    model, tok = _model(cfg)
+    targets = resolve_targets(model, cfg.targets.patterns, model.config.num_hidden_layers)  # default: every block's MLP
+    sizes = sorted(cfg.sites.sizes)
+    records = select_records(_split(cfg, cfg.sites.split).records, sizes[-1], cfg.seed)
+    pool = _split(cfg, "train").locality_pool
+    pool = random.Random(cfg.seed).sample(pool, min(cfg.sites.pool, len(pool)))
+    rows = {n: site_report(model, tok, targets, records[:n], pool, cfg.sites.ridge) for n in sizes if n <= len(records)}
+    print(f"a linear edit of each matrix at the prompt's last token ({cfg.dataset.name} {cfg.sites.split}, C₀ of {len(pool)} "
+          f"preserved prompts): transfer to paraphrases (1 = all of it) and crosstalk into unrelated prompts "
+          f"(relative to one edit's own change) with N edits at once")
+    print(f"  {'matrix':40} {'keys':>5} {'transfer':>9} " + " ".join(f"{f'N={n}':>8}" for n in rows))
+    largest = rows[max(rows)]
+    for i, row in enumerate(largest):
+        print(f"  {row['matrix']:40} {row['fan_in']:5d} {row['transfer']:9.2f} "
+              + " ".join(f"{rows[n][i]['crosstalk']:8.2f}" for n in rows))
+
+
 def ship(cfg: DictConfig) -> None:
     """Store the built base model and editor (under the home) as the shipped defaults in data/default:
     model weights in float32, the editor networks' weights in bf16 (its C₀, normalisation statistics
@@ -358,6 +382,7 @@ COMMANDS = {
     "demo": (demo, "apply example edits and print what changed"),
     "eval": (evaluate, "compare edit methods (batch and sequential editing): report, table, plots"),
     "bench": (bench, "edit latency next to one forward+backward pass"),
+    "sites": (sites, "where to write edits: paraphrase transfer and crosstalk of a linear edit of each matrix"),
     "rebuild": (rebuild, "build the base model and train its editor from scratch (~40 min on 2 cores), into the home"),
     "ship": (ship, "store the built base model and editor as the shipped defaults (data/default), with provenance"),
     "quickstart": (quickstart, "the demo, then the gRPC server and its example client (the shipped defaults unless built)"),
