@@ -14,7 +14,9 @@ key k_e and least disturbs the keys of preserved text (the solve of `mend.aggreg
   number of key directions the matrix really uses: the capacity of that matrix as an edit memory.
 
 A matrix whose transfer is near 1 and whose crosstalk stays well below 1 at the number of edits
-you need holds them; `mend sites` prints both for every candidate.
+you need holds them; `mend sites` prints both for every candidate, and for the candidates together
+(the edit written in equal shares: consecutive blocks' keys are correlated, so spreading helps less
+than independent leaks would).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def prediction_keys(model, tokenizer, targets: list[EditTarget], prompts: list[s
 def site_report(model, tokenizer, targets: list[EditTarget], records: list[EditRecord], pool: list[Fact],
                 ridge: float = 1e-2) -> list[dict]:
     """One row per target: {"matrix", "fan_in", "transfer", "crosstalk"} for `records` written at once
-    (transfer over their rephrasings, crosstalk over their locality prompts), C₀ from `pool`'s prompts."""
+    (transfer over their rephrasings, crosstalk over their locality prompts), C₀ from `pool`'s prompts;
+    with several targets, a last row "together": each edit's change written in equal shares by every
+    target (the shares add up in the residual stream, so their leaks add too)."""
     if not records or not pool:
         raise ValueError("site_report needs edit records and a pool of preserved prompts")
     paraphrases = [(i, p) for i, r in enumerate(records) for p in r.rephrase_prompt]
@@ -58,7 +62,7 @@ def site_report(model, tokenizer, targets: list[EditTarget], records: list[EditR
         ("pool", [f.prompt for f in pool]), ("edit", [r.prompt for r in records]),
         ("para", [p for _, p in paraphrases]), ("probe", probes))}
     owner = torch.tensor([i for i, _ in paraphrases])
-    rows = []
+    measured = []  # (target name, fan_in, transfer per paraphrase, leak (probes, edits))
     for t in targets:
         k0 = keys["pool"][t.param_name]
         c0 = k0.T @ k0 / k0.shape[0]
@@ -67,7 +71,9 @@ def site_report(model, tokenizer, targets: list[EditTarget], records: list[EditR
         v = torch.linalg.solve(a, k_e.T).T  # (edits, fan_in): A⁻¹ k_e
         own = (k_e * v).sum(1)
         transfer = (keys["para"][t.param_name] * v[owner]).sum(1) / own[owner]
-        leak = keys["probe"][t.param_name] @ v.T / own  # (probes, edits)
-        rows.append({"matrix": t.name, "fan_in": t.fan_in, "transfer": transfer.mean().item(),
-                     "crosstalk": leak.pow(2).sum(1).sqrt().mean().item()})
-    return rows
+        measured.append((t.name, t.fan_in, transfer, keys["probe"][t.param_name] @ v.T / own))
+    if len(measured) > 1:
+        measured.append(("together", sum(m[1] for m in measured), sum(m[2] for m in measured) / len(measured),
+                         sum(m[3] for m in measured) / len(measured)))
+    return [{"matrix": name, "fan_in": fan_in, "transfer": transfer.mean().item(),
+             "crosstalk": leak.pow(2).sum(1).sqrt().mean().item()} for name, fan_in, transfer, leak in measured]

@@ -59,7 +59,7 @@ def test_a_prompt_is_its_own_perfect_paraphrase_and_worst_neighbour(trained_gpt2
     record = world.edit_split("val").records[0]
     same = replace(record, rephrase_prompt=(record.prompt,), locality_prompt=(record.prompt,), locality_ground_truth=())
     rows = site_report(model, tok, targets, [same], world.edit_split("train").locality_pool)
-    assert [r["matrix"] for r in rows] == [t.name for t in targets]
+    assert [r["matrix"] for r in rows] == [t.name for t in targets] + ["together"]
     for r in rows:
         assert abs(r["transfer"] - 1) < 1e-9 and abs(r["crosstalk"] - 1) < 1e-9
 
