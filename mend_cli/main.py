@@ -276,7 +276,10 @@ def sites(cfg: DictConfig) -> None:
     records = select_records(_split(cfg, cfg.sites.split).records, sizes[-1], cfg.seed)
     pool = _split(cfg, "train").locality_pool
     pool = random.Random(cfg.seed).sample(pool, min(cfg.sites.pool, len(pool)))
-    rows = {n: site_report(model, tok, targets, records[:n], pool, cfg.sites.ridge) for n in sizes if n <= len(records)}
+    if sizes[-1] > len(records):
+        raise SystemExit(f"config error: sites.sizes {sizes} asks for {sizes[-1]} edits but sites.split={cfg.sites.split} "
+                         f"has {len(records)}; lower sites.sizes or use a larger split (test+val)")
+    rows = {n: site_report(model, tok, targets, records[:n], pool, cfg.sites.ridge) for n in sizes}
     print(f"a linear edit of each matrix at the prompt's last token ({cfg.dataset.name} {cfg.sites.split}, C₀ of {len(pool)} "
           f"preserved prompts): transfer to paraphrases (1 = all of it) and crosstalk into unrelated prompts "
           f"(relative to one edit's own change) with N edits at once")

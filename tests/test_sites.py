@@ -3,6 +3,7 @@ crosstalk are what a least-squares edit of that matrix really does there."""
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from mend.batching import encode, logits
@@ -71,3 +72,8 @@ def test_sites_command_prints_every_mlp_matrix(trained_gpt2_dir, world_path, cap
     for i in (0, 1):
         assert f"transformer.h.{i}.mlp.c_fc" in out and f"transformer.h.{i}.mlp.c_proj" in out
     assert "N=5" in out
+
+
+def test_sites_refuses_more_edits_than_the_split_has(trained_gpt2_dir, world_path):
+    with pytest.raises(SystemExit, match="sites.sizes .* asks for 500 edits"):
+        main(["sites", f"paths.base_model={trained_gpt2_dir}", f"paths.world={world_path}", "device=cpu", "sites.sizes=[500]"])
