@@ -47,21 +47,26 @@ def prediction_keys(model, tokenizer, targets: list[EditTarget], prompts: list[s
 
 
 def site_report(model, tokenizer, targets: list[EditTarget], records: list[EditRecord], pool: list[Fact],
-                ridge: float = 1e-2) -> list[dict]:
-    """One row per target: {"matrix", "fan_in", "transfer", "crosstalk"} for `records` written at once
-    (transfer over their rephrasings, crosstalk over their locality prompts), C₀ from `pool`'s prompts;
-    with several targets, a last row "together": each edit's change written in equal shares by every
-    target (the shares add up in the residual stream, so their leaks add too)."""
+                ridge: float = 1e-2, sizes: tuple[int, ...] | None = None) -> list[dict]:
+    """One row per target: {"matrix", "fan_in", "transfer", "crosstalk": {N: value}}; transfer over all
+    `records`' rephrasings, crosstalk of the first N records written at once over their locality
+    prompts, for each N in `sizes` (default: all of them), C₀ from `pool`'s prompts. With several
+    targets, a last row "together": each edit's change written in equal shares by every target (the
+    shares add up in the residual stream, so their leaks add too)."""
     if not records or not pool:
         raise ValueError("site_report needs edit records and a pool of preserved prompts")
+    sizes = sizes or (len(records),)
+    if max(sizes) > len(records) or min(sizes) < 1:
+        raise ValueError(f"sizes {list(sizes)} must lie between 1 and the {len(records)} records given")
     paraphrases = [(i, p) for i, r in enumerate(records) for p in r.rephrase_prompt]
-    probes = [p for r in records for p in r.locality_prompt]
+    probes = [(i, p) for i, r in enumerate(records) for p in r.locality_prompt]
     if not paraphrases or not probes:
         raise ValueError("site_report needs records with rephrase and locality prompts")
     keys = {kind: prediction_keys(model, tokenizer, targets, prompts) for kind, prompts in (
         ("pool", [f.prompt for f in pool]), ("edit", [r.prompt for r in records]),
-        ("para", [p for _, p in paraphrases]), ("probe", probes))}
-    owner = torch.tensor([i for i, _ in paraphrases])
+        ("para", [p for _, p in paraphrases]), ("probe", [p for _, p in probes]))}
+    para_owner = torch.tensor([i for i, _ in paraphrases])
+    probe_owner = torch.tensor([i for i, _ in probes])
     measured = []  # (target name, fan_in, transfer per paraphrase, leak (probes, edits))
     for t in targets:
         k0 = keys["pool"][t.param_name]
@@ -70,10 +75,14 @@ def site_report(model, tokenizer, targets: list[EditTarget], records: list[EditR
         k_e = keys["edit"][t.param_name]
         v = torch.linalg.solve(a, k_e.T).T  # (edits, fan_in): A⁻¹ k_e
         own = (k_e * v).sum(1)
-        transfer = (keys["para"][t.param_name] * v[owner]).sum(1) / own[owner]
+        transfer = (keys["para"][t.param_name] * v[para_owner]).sum(1) / own[para_owner]
         measured.append((t.name, t.fan_in, transfer, keys["probe"][t.param_name] @ v.T / own))
     if len(measured) > 1:
         measured.append(("together", sum(m[1] for m in measured), sum(m[2] for m in measured) / len(measured),
                          sum(m[3] for m in measured) / len(measured)))
+
+    def crosstalk(leak: torch.Tensor, n: int) -> float:  # the first n edits, the first n records' probes
+        return leak[probe_owner < n, :n].pow(2).sum(1).sqrt().mean().item()
+
     return [{"matrix": name, "fan_in": fan_in, "transfer": transfer.mean().item(),
-             "crosstalk": leak.pow(2).sum(1).sqrt().mean().item()} for name, fan_in, transfer, leak in measured]
+             "crosstalk": {n: crosstalk(leak, n) for n in sizes}} for name, fan_in, transfer, leak in measured]

@@ -279,15 +279,14 @@ def sites(cfg: DictConfig) -> None:
     if sizes[-1] > len(records):
         raise SystemExit(f"config error: sites.sizes {sizes} asks for {sizes[-1]} edits but sites.split={cfg.sites.split} "
                          f"has {len(records)}; lower sites.sizes or use a larger split (test+val)")
-    rows = {n: site_report(model, tok, targets, records[:n], pool, cfg.sites.ridge) for n in sizes}
+    rows = site_report(model, tok, targets, records, pool, cfg.sites.ridge, tuple(sizes))
     print(f"a linear edit of each matrix at the prompt's last token ({cfg.dataset.name} {cfg.sites.split}, C₀ of {len(pool)} "
           f"preserved prompts): transfer to paraphrases (1 = all of it) and crosstalk into unrelated prompts "
           f"(relative to one edit's own change) with N edits at once")
-    print(f"  {'matrix':40} {'keys':>5} {'transfer':>9} " + " ".join(f"{f'N={n}':>8}" for n in rows))
-    largest = rows[max(rows)]
-    for i, row in enumerate(largest):
+    print(f"  {'matrix':40} {'keys':>5} {'transfer':>9} " + " ".join(f"{f'N={n}':>8}" for n in sizes))
+    for row in rows:
         print(f"  {row['matrix']:40} {row['fan_in']:5d} {row['transfer']:9.2f} "
-              + " ".join(f"{rows[n][i]['crosstalk']:8.2f}" for n in rows))
+              + " ".join(f"{row['crosstalk'][n]:8.2f}" for n in sizes))
 
 
 def ship(cfg: DictConfig) -> None:

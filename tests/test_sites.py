@@ -51,7 +51,7 @@ def test_transfer_and_crosstalk_are_what_the_edit_writes(trained_gpt2_dir, world
     assert torch.allclose(change[0], d, rtol=1e-3, atol=1e-3 * d.abs().max().item())  # the edit gets exactly d
     n_para = len(record.rephrase_prompt)
     assert abs(ratios[1:1 + n_para].mean().item() - row["transfer"]) < 1e-3
-    assert abs(ratios[1 + n_para:].abs().mean().item() - row["crosstalk"]) < 1e-3
+    assert abs(ratios[1 + n_para:].abs().mean().item() - row["crosstalk"][1]) < 1e-3
 
 
 def test_a_prompt_is_its_own_perfect_paraphrase_and_worst_neighbour(trained_gpt2_dir, world):
@@ -62,7 +62,7 @@ def test_a_prompt_is_its_own_perfect_paraphrase_and_worst_neighbour(trained_gpt2
     rows = site_report(model, tok, targets, [same], world.edit_split("train").locality_pool)
     assert [r["matrix"] for r in rows] == [t.name for t in targets] + ["together"]
     for r in rows:
-        assert abs(r["transfer"] - 1) < 1e-9 and abs(r["crosstalk"] - 1) < 1e-9
+        assert abs(r["transfer"] - 1) < 1e-9 and abs(r["crosstalk"][1] - 1) < 1e-9
 
 
 def test_sites_command_prints_every_mlp_matrix(trained_gpt2_dir, world_path, capsys):
@@ -77,3 +77,13 @@ def test_sites_command_prints_every_mlp_matrix(trained_gpt2_dir, world_path, cap
 def test_sites_refuses_more_edits_than_the_split_has(trained_gpt2_dir, world_path):
     with pytest.raises(SystemExit, match="sites.sizes .* asks for 500 edits"):
         main(["sites", f"paths.base_model={trained_gpt2_dir}", f"paths.world={world_path}", "device=cpu", "sites.sizes=[500]"])
+
+
+def test_each_size_is_the_report_of_that_many_edits_alone(trained_gpt2_dir, world):
+    model, tok = load_model(trained_gpt2_dir, device="cpu")
+    targets = resolve_targets(model, n_last_blocks=1)
+    records, pool = world.edit_split("val").records[:6], world.edit_split("train").locality_pool[:100]
+    together = site_report(model, tok, targets, records, pool, sizes=(2, 6))
+    for n in (2, 6):
+        alone = site_report(model, tok, targets, records[:n], pool)
+        assert [r["crosstalk"][n] for r in together] == pytest.approx([r["crosstalk"][n] for r in alone], rel=1e-9)
