@@ -1,7 +1,9 @@
 """Edit methods share one interface: records in, weight deltas out. Nothing here writes weights.
 
-`MendMethod` runs a trained editor; the FT baselines live in `mend.baselines`. `edited_weights`
-turns deltas into the override dict that `torch.func.functional_call` (and the metrics) take.
+`MendMethod` runs a trained editor and returns the edit memory of the edited layers (the buffers
+of `mend.aggregation.attach_memory`); the FT baselines live in `mend.baselines` and return weight
+deltas. `edited_weights` turns either into the override dict that `torch.func.functional_call`
+(and the metrics) take.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from typing import Protocol
 
 import torch
 
-from mend.aggregation import KeyValues
+from mend.aggregation import KeyValues, attach_memory, gate_matrix, memory_names, normalised, select_rows
 from mend.batching import encode
 from mend.capture import edit_factors
 from mend.editor import MendEditor
 from mend.records import EditRecord
 
-Deltas = dict[str, torch.Tensor]  # param_name -> ΔW in the weight's own layout
+Deltas = dict[str, torch.Tensor]  # param_name -> ΔW in the weight's own layout, or memory buffer name -> its contents
 
 
 class EditMethod(Protocol):
@@ -30,12 +32,14 @@ class EditMethod(Protocol):
 
 
 def edited_weights(model, deltas: Deltas, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """{param_name: W + ΔW}, on top of `weights` (earlier edits) when given; the model itself is unchanged."""
+    """{param_name: W + ΔW}, on top of `weights` (earlier edits) when given; a memory buffer's
+    entry replaces the buffer. The model itself is unchanged."""
     params = {**dict(model.named_parameters()), **(weights or {})}
-    unknown = set(deltas) - set(params)
+    buffers = dict(model.named_buffers())
+    unknown = set(deltas) - set(params) - set(buffers)
     if unknown:
         raise KeyError(f"deltas for parameters the model does not have: {sorted(unknown)}")
-    return {**(weights or {}), **{name: params[name] + d.to(params[name].dtype) for name, d in deltas.items()}}
+    return {**(weights or {}), **{name: params[name] + d.to(params[name].dtype) if name in params else d for name, d in deltas.items()}}
 
 
 def all_finite(weights: dict[str, torch.Tensor]) -> bool:
@@ -53,9 +57,20 @@ class MendMethod:
 
     @torch.no_grad()
     def deltas(self, model, tokenizer, records: list[EditRecord], weights: dict[str, torch.Tensor] | None = None) -> Deltas:
-        """One least-squares update for all `records` (`mend.aggregation.solve`)."""
-        _, factors = self._factors(model, tokenizer, records, weights)
-        return {k: v.detach() for k, v in self.editor(factors).items()}
+        """The edit memory of `records` together (`mend.aggregation`): per edited layer G of their
+        kept rows and their values D, as overrides of the layer's memory buffers. The memory holds
+        these records alone: earlier edits in `weights` only shape the captured gradients."""
+        kvs = self.per_edit_key_values(model, tokenizer, records, weights)
+        cfg = self.editor.cfg
+        attach_memory(model, self.editor.targets, cfg.gate)
+        out = {}
+        for t in self.editor.targets:
+            rows = [select_rows(*kv[t.param_name], cfg.keep) for kv in kvs]
+            keys, values = memory_names(t.name)
+            u, d = torch.cat([u for u, _ in rows]), torch.cat([d for _, d in rows])
+            g, d = normalised(u, gate_matrix(self.editor.base_eigen(t.param_name), u), d)
+            out[keys], out[values] = g.float(), d.float()
+        return out
 
     def _factors(self, model, tokenizer, records: list[EditRecord], weights=None):
         """(batch, captured (u, δ) per target) for the records' targets; the editor in eval mode."""

@@ -37,12 +37,19 @@ class EditorConfig:
     ridge_init: float = 1.0  # initial λ_l of the least-squares combination
     preserve_init: float = 300.0  # initial μ_l, the weight of the preserved keys' covariance C₀
     norm_eps: float = 1e-5
+    # the served combination (`mend.aggregation`), chosen on val edits of the default model: τ, the
+    # share of its own change an edit row must give an input to write there; keep, the share of an
+    # edit's largest value norm a token row needs to be kept (0 and 0: the plain least-squares update)
+    gate: float = 0.5
+    keep: float = 0.7
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.n_blocks < 1:
             raise ConfigError(f"editor rank ({self.rank}) and n_blocks ({self.n_blocks}) must be >= 1")
         if self.ridge_init <= 0 or self.preserve_init < 0:
             raise ConfigError(f"ridge_init ({self.ridge_init}) must be > 0 and preserve_init ({self.preserve_init}) >= 0")
+        if self.gate < 0 or not 0 <= self.keep <= 1:
+            raise ConfigError(f"gate ({self.gate}) must be >= 0 and keep ({self.keep}) in [0, 1]")
 
     def to_dict(self) -> dict:
         return asdict(self)

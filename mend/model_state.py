@@ -1,20 +1,21 @@
-"""The one component that writes a served model's weights, and the one that rolls them back.
+"""The one component that writes a served model's edits, and the one that rolls them back.
 
-Invariant: every edited weight is its pristine copy plus the least-squares update of the active
-edits (`mend.aggregation`), each edit's keys and values computed on the base model:
+Invariant: every edited layer is its pristine weight plus the gated least-squares memory of the
+active edits (`mend.aggregation`), each edit's keys and values computed on the base model:
 
-    W = W₀ + S(active edits),      S = (A₀ + Σ UₑᵀUₑ)⁻¹ Σ UₑᵀDₑ        (in the weight's layout)
+    y = x W₀ + Σ_j c_j(x) [|c_j(x)| ≥ τ c_j(u_j)] d_j,      c(x) = x (A₀ + Σ UₑᵀUₑ)⁻¹ Uᵀ
 
+The weights themselves are never written: the state is the memory buffers (G, D) of each layer.
 A change of the active set removes and adds edits' rows with one Woodbury step per layer (a new
 factorisation from all active rows when it changes more rows than the layer is wide), so its
-cost does not grow with the number of active edits. An empty active set is W₀ itself, exactly.
-The live weights are a deterministic function of the sequence of changes (`propose`): replaying
-the journal's revisions in order gives the same tensors bit for bit. The same active set reached
-by another sequence (other order, a rollback) gives the same S up to float64 rounding, at most a
-float32 rounding step of the weights apart.
+cost grows only with the active rows' (fan_in x R) memory, never with a refactorisation. An empty
+active set is the base model itself, exactly. The memory is a deterministic function of the
+sequence of changes (`propose`): replaying the journal's revisions in order gives the same tensors
+bit for bit. The same active set reached by another sequence (other order, a rollback) gives the
+same G and D up to float64 rounding, at most a float32 rounding step apart (rows in another order).
 
-Readers (generation, scoring, metrics) hold the shared side of a readers-writer lock; a weight
-change holds the exclusive side for its whole duration, so no reader sees a half-applied edit.
+Readers (generation, scoring, metrics) hold the shared side of a readers-writer lock; a change
+holds the exclusive side for its whole duration, so no reader sees a half-applied edit.
 """
 
 from __future__ import annotations
@@ -26,10 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from mend.aggregation import KeyValues, LayerSolution
+from mend.aggregation import KeyValues, LayerMemory, attach_memory, memories, memory_names, select_rows
 from mend.editing import all_finite
-from mend.errors import NoEditorError, UnstableEditError
+from mend.errors import ConfigError, NoEditorError, UnstableEditError
 from mend.targets import EditTarget
+
+
+def edited_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's weights (`state_dict`) and of its non-empty edit memories: everything an
+    edit can change, to compare or hash (an empty memory is the base model's, so it is left out)."""
+    return {k: v.detach().clone() for k, v in {**model.state_dict(), **memories(model)}.items()}
 
 
 class ReadWriteLock:
@@ -70,26 +77,36 @@ class ReadWriteLock:
 
 @dataclass(frozen=True)
 class Change:
-    """A proposed active set and its per-layer solutions; nothing is written until `commit`."""
+    """A proposed active set and its per-layer memories; nothing is written until `commit`."""
 
     active: dict[int, KeyValues]  # seq -> the edit's keys and values, in seq order
-    solutions: dict[str, LayerSolution]
+    memories: dict[str, LayerMemory]
 
 
 class EditableModel:
-    def __init__(self, model: torch.nn.Module, targets: list[EditTarget], base_systems: dict[str, torch.Tensor] | None):
+    def __init__(self, model: torch.nn.Module, targets: list[EditTarget], base_systems: dict[str, torch.Tensor] | None,
+                 gate: float = 0.0, keep: float = 0.0):
         """`base_systems`: A₀ per target (`MendEditor.base_system`); None without an editor, when
-        no edit can be active."""
+        no edit can be active. `gate` (τ) and `keep`: the editor's (`EditorConfig`)."""
+        if memories(model):
+            raise ConfigError("this model already holds edits (its directory has an edit_memory.safetensors): serve its "
+                              "base model with the journal that made them (paths.base_model=BASE paths.journal=DIR/journal)")
         self.model = model
         self.targets = {t.param_name: t for t in targets}
-        params = dict(model.named_parameters())
-        self._params = {name: params[name] for name in self.targets}
-        self.pristine = {name: p.detach().clone() for name, p in self._params.items()}
-        self._systems = {name: a.detach().double().to(self.pristine[name].device) for name, a in (base_systems or {}).items()}
-        self._base = {name: LayerSolution.fresh(a, a.new_zeros(0, a.shape[0]), a.new_zeros(0, self.targets[name].fan_out))
+        self.keep = keep
+        attach_memory(model, targets, gate)
+        modules = dict(model.named_modules())
+        self._modules = {name: modules[t.name] for name, t in self.targets.items()}
+        self._names = {name: memory_names(t.name) for name, t in self.targets.items()}
+        device = {name: m.weight.device for name, m in self._modules.items()}
+        # the overrides that make `functional_call` compute on the base model: every memory empty
+        self.pristine = {n: torch.zeros(t.fan_in, 0, device=device[name]) if i == 0 else torch.zeros(0, t.fan_out, device=device[name])
+                         for name, t in self.targets.items() for i, n in enumerate(self._names[name])}
+        self._systems = {name: a.detach().double().to(device[name]) for name, a in (base_systems or {}).items()}
+        self._base = {name: LayerMemory.fresh(a, a.new_zeros(0, a.shape[0]), a.new_zeros(0, self.targets[name].fan_out))
                       for name, a in self._systems.items()}
         self.active: dict[int, KeyValues] = {}
-        self.solutions = dict(self._base)
+        self.memories = dict(self._base)
         self.lock = ReadWriteLock()
 
     def check(self, kv: KeyValues) -> None:
@@ -105,71 +122,84 @@ class EditableModel:
                 raise UnstableEditError(f"the editor's keys or values for {name} are not finite: the edit cannot be applied")
 
     def propose(self, remove: list[int], add: dict[int, KeyValues]) -> Change:
-        """The active set without `remove` and with `add`, and its solutions; nothing is written."""
+        """The active set without `remove` and with `add`, and its memories; nothing is written."""
         if add and not self._base:
             raise NoEditorError("no editor is loaded, so edits cannot be combined: start with the editor that made them")
-        gone = [self.active[s] for s in sorted(remove)]
-        new = [add[s] for s in sorted(add)]
+        gone = {s: self.active[s] for s in sorted(remove)}
+        new = {s: add[s] for s in sorted(add)}
         active = dict(sorted({**{s: kv for s, kv in self.active.items() if s not in remove}, **add}.items()))
-        solutions = {}
+        memories = {}
         for name, base in self._base.items():
-            device = base.S.device
-            rows = sum(kv[name][0].shape[0] for kv in gone + new)
+            device = base.G.device
+            rows = sum(kv[name][0].shape[0] for kv in [*gone.values(), *new.values()])
             if not active:
-                solutions[name] = base
+                memories[name] = base
             elif rows >= self.targets[name].fan_in:  # cheaper to factorise A afresh
-                solutions[name] = LayerSolution.fresh(self._systems[name], *_rows(active.values(), name, device))
+                memories[name] = LayerMemory.fresh(self._systems[name], *self._rows(active, name, device))
             else:
-                sol = self.solutions[name]
+                mem = self.memories[name]
                 if gone:
-                    sol = sol.updated(*_rows(gone, name, device), sign=-1)
+                    mem = mem.removed(set(gone))
                 if new:
-                    sol = sol.updated(*_rows(new, name, device), sign=+1)
-                solutions[name] = sol
-            if not all_finite({name: solutions[name].S}):
+                    mem = mem.added(*self._rows(new, name, device))
+                memories[name] = mem.ordered()
+            if not all_finite({name: memories[name].G}):
                 raise UnstableEditError(f"the combined update of {name} is not finite; nothing was changed")
-        return Change(active, solutions)
+        return Change(active, memories)
 
     def weights(self, change: Change) -> dict[str, torch.Tensor]:
-        """{param_name: W₀ + S} for `change` (what `commit` writes), without writing it."""
+        """The memory buffers of `change` (what `commit` writes) as `functional_call` overrides."""
         out = {}
-        for name, sol in change.solutions.items():
-            w0 = self.pristine[name]
-            # one rounding from float64: the same S up to float64 rounding gives weights at most one step apart
-            out[name] = w0.clone() if not change.active else (w0.double() + self.targets[name].to_weight_layout(sol.S)).to(w0.dtype)
+        for name, mem in change.memories.items():
+            keys, values = self._names[name]
+            if change.active:
+                out[keys], out[values] = (x.float() for x in mem.buffers())
+            else:
+                out[keys], out[values] = self.pristine[keys].clone(), self.pristine[values].clone()
         return out
 
     @torch.no_grad()
     def commit(self, change: Change, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write `change` (and its `weights`, when already computed). Caller holds `lock.write()`."""
-        for name, w in (weights or self.weights(change)).items():
-            self._params[name].copy_(w)
-        self.active, self.solutions = change.active, change.solutions
+        weights = weights or self.weights(change)
+        for name, module in self._modules.items():
+            for attr, full in zip(("mend_keys", "mend_values"), self._names[name]):
+                setattr(module, attr, weights[full])
+        self.active, self.memories = change.active, change.memories
+
+    def live(self) -> dict[str, torch.Tensor]:
+        """The edited layers' weights and memory buffers as they are now."""
+        out = {}
+        for name, module in self._modules.items():
+            keys, values = self._names[name]
+            out[name], out[keys], out[values] = module.weight.detach(), module.mend_keys, module.mend_values
+        return out
 
     def digest(self) -> str:
-        """sha256 of the edited weights as they are now (everything else is the base model's)."""
+        """sha256 of the edited layers' weights and memories as they are now (everything else is the base model's)."""
         h = hashlib.sha256()
-        for name in sorted(self._params):
+        for name, tensor in sorted(self.live().items()):
             h.update(name.encode())
-            h.update(self._params[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(str(tuple(tensor.shape)).encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def replay(self, steps) -> None:
-        """Propose each (remove, add) of `steps` in order, writing the weights once at the end: the
+        """Propose each (remove, add) of `steps` in order, writing the memories once at the end: the
         same tensors as committing every step; nothing changes when a step fails. Caller holds `lock.write()`."""
-        change, start = None, (self.active, self.solutions)
+        change, start = None, (self.active, self.memories)
         try:
             for remove, add in steps:
                 change = self.propose(remove, add)
-                self.active, self.solutions = change.active, change.solutions
+                self.active, self.memories = change.active, change.memories
         except BaseException:
-            self.active, self.solutions = start
+            self.active, self.memories = start
             raise
         if change is not None:
             self.commit(change)
 
-
-def _rows(edits, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values of `edits` for one layer, stacked in order, on `device`."""
-    edits = list(edits)
-    return torch.cat([kv[name][0] for kv in edits]).to(device), torch.cat([kv[name][1] for kv in edits]).to(device)
+    def _rows(self, edits: dict[int, KeyValues], name: str, device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """The kept rows (`select_rows`) of `edits` for one layer, stacked in order, on `device`, and each row's edit."""
+        picked = {s: select_rows(*kv[name], self.keep) for s, kv in edits.items()}
+        owners = tuple(s for s, (u, _) in picked.items() for _ in range(u.shape[0]))
+        return (torch.cat([u for u, _ in picked.values()]).to(device), torch.cat([d for _, d in picked.values()]).to(device), owners)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mend.aggregation import load_memory
 from mend.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ def _cpu_bf16_faster() -> bool:
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "float32"):
     """(model, tokenizer) from a local directory written by `save_pretrained`; the model is in eval
-    mode with every parameter frozen (editors and baselines choose what to differentiate)."""
+    mode with every parameter frozen (editors and baselines choose what to differentiate). An
+    edited model's directory also holds its edit memory (`mend.aggregation.save_memory`): it is
+    attached, so the model answers as it was served."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(
@@ -76,6 +79,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "float32"):
         tokenizer.pad_token = tokenizer.eos_token
     model.to(resolve_device(device)).eval()
     model.requires_grad_(False)
+    load_memory(model, path)
     log.info("loaded %s (%s, %.1fM parameters) on %s", path, model.config.model_type,
              sum(p.numel() for p in model.parameters()) / 1e6, next(model.parameters()).device)
     return model, tokenizer

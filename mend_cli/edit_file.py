@@ -118,9 +118,13 @@ class LocalTarget:
                  e.record.prompt, e.record.target_new) for e in self.service.list(active_only)]
 
     def close(self) -> None:
-        """Write the edited model beside its journal (not after a dry run), then close the journal."""
+        """Write the edited model (weights and edit memory) beside its journal (not after a dry run),
+        then close the journal."""
         if not self.dry_run:
+            from mend.aggregation import save_memory
+
             self.service.model.save_pretrained(self.out)
+            save_memory(self.service.model, self.out)
             self.service.tokenizer.save_pretrained(self.out)
         self.service.close()
 

@@ -9,6 +9,7 @@ from mend.models import load_model
 from mend.service import EditService
 from mend_cli.main import main
 from server.app import MendServer, ServerConfig
+from mend.model_state import edited_state
 
 
 @pytest.fixture
@@ -60,7 +61,8 @@ def test_local_apply_resume_rollback_and_list(tmp_path, world, common, capsys):
 
     assert main(["rollback", "--to", "0", "--out", str(out), *common]) == 0
     base, edited = load_model(common[0].split("=", 1)[1], device="cpu")[0], load_model(out, device="cpu")[0]
-    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), edited.state_dict().values()))
+    base, edited = edited_state(base), edited_state(edited)
+    assert base.keys() == edited.keys() and all(torch.equal(base[k], edited[k]) for k in base)
     capsys.readouterr()
     assert main(["edits", "--out", str(out), *common]) == 0
     listing = capsys.readouterr().out
@@ -89,11 +91,12 @@ def test_server_and_local_give_the_same_weights_for_the_same_file(tmp_path, worl
         assert code == 1  # the broken line failed; the others were applied
         statuses = [r["status"] for r in results(tmp_path / "edits.jsonl.results.jsonl")]
         assert statuses == ["applied"] * 5 + ["invalid"]
-        served = {k: v.clone() for k, v in server.holder.service.model.state_dict().items()}
+        served = edited_state(server.holder.service.model)
     finally:
         server.stop(1)
     local_out = tmp_path / "local"
     assert main(["edit", str(edits), "--out", str(local_out), "--batch-size", "2", "--continue-on-error",
                  "--results", str(tmp_path / "local.jsonl"), *common]) == 1
-    local = load_model(local_out, device="cpu")[0].state_dict()
+    local = edited_state(load_model(local_out, device="cpu")[0])  # the saved weights and edit memory
+    assert served.keys() == local.keys() and any("mend_keys" in k for k in local)
     assert all(torch.equal(served[k], local[k]) for k in served)

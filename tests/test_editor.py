@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 import torch
 
-from mend.aggregation import solve
+from mend.aggregation import memory_names, solve
 from mend.batching import encode
 from mend.capture import edit_factors
 from mend.checkpoint import load_editor, save_editor
@@ -42,13 +44,14 @@ def test_zero_step_changes_nothing_and_nonzero_step_changes_predictions(fixture,
     before = model(input_ids=batch.input_ids).logits
 
     zero = MendMethod(warmed_editor(model, tok, targets, 0.0)).deltas(model, tok, [EDIT])
-    assert set(zero) == {t.param_name for t in targets}
-    assert all(float(d.abs().max()) == 0.0 for d in zero.values())
+    assert set(zero) == {n for t in targets for n in memory_names(t.name)}  # MEND edits the layers' memories
+    assert all(float(zero[memory_names(t.name)[1]].abs().max()) == 0.0 for t in targets)  # values D̃ = 0
 
     editor = warmed_editor(model, tok, targets, 1.0)
     deltas = MendMethod(editor).deltas(model, tok, [EDIT])
-    params = dict(model.named_parameters())
-    assert all(d.shape == params[k].shape for k, d in deltas.items())
+    for t in targets:
+        keys, values = (deltas[n] for n in memory_names(t.name))
+        assert keys.shape[0] == t.fan_in and values.shape[1] == t.fan_out and keys.shape[1] == values.shape[0] >= 1
     after = torch.func.functional_call(model, edited_weights(model, deltas), (batch.input_ids,)).logits
     assert not torch.allclose(before, after)
     assert torch.equal(model(input_ids=batch.input_ids).logits, before)  # the model itself is unchanged
@@ -89,6 +92,7 @@ def test_a_batch_is_one_least_squares_update_over_every_edits_rows(gpt2):
     model, tok = gpt2
     targets = resolve_targets(model, n_last_blocks=1)
     editor = warmed_editor(model, tok, targets, 1e-2)
+    editor.cfg = dataclasses.replace(editor.cfg, keep=0.0)  # every token row: the plain least-squares update
     method = MendMethod(editor)
     second = EditRecord(prompt="Beta speaks", target_new="Rosish")
     both = method.deltas(model, tok, [EDIT, second])
@@ -102,7 +106,8 @@ def test_a_batch_is_one_least_squares_update_over_every_edits_rows(gpt2):
             torch.testing.assert_close(kv[name][0], single[name][0])
             torch.testing.assert_close(kv[name][1], single[name][1], rtol=1e-4, atol=1e-9)
         s = solve(editor.base_eigen(name), keys, values).float()
-        torch.testing.assert_close(both[name], t.to_weight_layout(s))
+        g, d = (both[n] for n in memory_names(t.name))
+        torch.testing.assert_close(g @ d, s, rtol=1e-4, atol=1e-6)  # without the gate, the memory writes x S
         assert torch.linalg.norm(keys @ s - values) < torch.linalg.norm(values)  # the solve moves outputs towards d
 
 

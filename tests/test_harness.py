@@ -20,6 +20,7 @@ from mend.models import load_model
 from mend.perplexity import HeldOutText, PerplexityConfig, perplexity
 from mend.report import environment, write_run
 from mend.targets import resolve_targets
+from mend.model_state import edited_state
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +110,10 @@ def test_sequential_baseline_edits_build_on_earlier_ones(setup):
 
 def test_a_sequential_run_leaves_the_model_as_it_was(setup):
     model, tok, methods, records, _ = setup
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = edited_state(model)
     _run(setup, HarnessConfig(modes=("sequential",), sizes=(3,), n_edits=3, perplexity_samples=0))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    after = edited_state(model)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], v) for k, v in after.items())
 
 
 def test_runs_are_deterministic_and_written_out(setup, tmp_path):

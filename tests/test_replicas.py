@@ -23,6 +23,7 @@ from mend.records import EditRecord
 from mend.service import EditService
 from server.app import MendServer, ServerConfig
 from server.client import EditClient
+from mend.model_state import edited_state
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def records(world):
 
 
 def weights(service):
-    return {k: v.detach().clone() for k, v in service.model.state_dict().items()}
+    return edited_state(service.model)
 
 
 def assert_same(a, b):
@@ -44,7 +45,7 @@ def assert_same(a, b):
 
 
 def test_a_postgresql_journal_keeps_the_guarantees_of_the_embedded_one(open_service, records, trained_gpt2_dir):
-    base = {k: v.clone() for k, v in load_model(trained_gpt2_dir, device="cpu")[0].state_dict().items()}
+    base = edited_state(load_model(trained_gpt2_dir, device="cpu")[0])
     service = open_service()
     first = service.apply([records[0]]).edits[0]
     batch = service.apply(records[1:4], request_id="batch-1")

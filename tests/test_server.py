@@ -20,6 +20,7 @@ from mend.service import EditService, ServiceLimits
 from server.api.mend.v1 import editing_pb2 as pb
 from server.app import MendServer, ServerConfig
 from server.client import EditClient
+from mend.model_state import edited_state
 
 READ, WRITE = "read-secret", "write-secret"
 
@@ -62,7 +63,7 @@ def code_of(call):
 
 
 def served_weights(server):
-    return {k: v.detach().clone() for k, v in server.holder.service.model.state_dict().items()}
+    return edited_state(server.holder.service.model)
 
 
 def test_edit_changes_generation_and_rollback_restores_it(start, records):
@@ -215,8 +216,8 @@ def test_concurrent_clients_end_with_weights_equal_to_a_replay_of_the_journal(st
     assert {e.edit_id for e in journal.values() if e.active} == set(latest.values())
     server.stop(1)
     replay = EditService.open(str(trained_gpt2_dir), str(tiny_editor_dir), str(tmp_path / "journal"), device="cpu", n_last_blocks=2)
-    fresh = replay.model.state_dict()
-    assert all(torch.equal(live[k], fresh[k]) for k in live)
+    fresh = edited_state(replay.model)
+    assert live.keys() == fresh.keys() and all(torch.equal(live[k], fresh[k]) for k in live)
     replay.close()
 
 

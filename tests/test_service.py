@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from mend.aggregation import solve
+from mend.aggregation import memory_names, select_rows, solve
+from mend.model_state import edited_state
 from mend.errors import EditNotFoundError, InvalidEditError, NoEditorError, StateConflictError, UnstableEditError
 from mend.models import load_model
 from mend.records import EditRecord
@@ -19,7 +20,18 @@ def records(world):
 
 
 def weights(service):
-    return {k: v.detach().clone() for k, v in service.model.state_dict().items()}
+    return edited_state(service.model)
+
+
+def rows_in_one_order(state):
+    """`state` with each memory's rows (key column, value row) sorted by their values: the same rows
+    given other edit numbers compare equal."""
+    out = dict(state)
+    for name in [k[: -len(".mend_keys")] for k in state if k.endswith(".mend_keys")]:
+        keys, values = state[f"{name}.mend_keys"], state[f"{name}.mend_values"]
+        order = torch.argsort(values.double() @ torch.linspace(1, 2, values.shape[1], dtype=torch.float64))
+        out[f"{name}.mend_keys"], out[f"{name}.mend_values"] = keys[:, order], values[order]
+    return out
 
 
 def assert_same(a, b):
@@ -29,15 +41,16 @@ def assert_same(a, b):
 
 
 def test_apply_then_rollback_everything_restores_the_base_model_bit_for_bit(open_service, records, trained_gpt2_dir):
-    base = {k: v.clone() for k, v in load_model(trained_gpt2_dir, device="cpu")[0].state_dict().items()}
+    base = edited_state(load_model(trained_gpt2_dir, device="cpu")[0])
     service = open_service()
     result = service.apply([records[0]])
     (edit,) = result.edits
     assert result.revision == 1 and edit.edit_id == "edit-000001" and edit.active
     assert edit.post["reliability_em"] >= edit.pre["reliability_em"]
     assert set(edit.post) == {"reliability_tf", "reliability_em", "generality_tf", "generality_em", "locality_tf", "locality_em"}
-    changed = [k for k in base if not torch.equal(base[k], service.model.state_dict()[k])]
-    assert changed == list(service.state.targets)  # only the editor's target weights move
+    live = weights(service)
+    assert all(torch.equal(base[k], live[k]) for k in base)  # the weights themselves are never written:
+    assert sorted(set(live) - set(base)) == sorted(n for t in service.state.targets.values() for n in memory_names(t.name))  # the memories hold the edit
     service.apply(records[1:4])
     assert service.rollback_edit("edit-000003") == 3
     assert service.rollback_to(0) == (4, 3)
@@ -158,12 +171,12 @@ def test_a_journal_of_format_3_moves_its_factor_files_into_the_database(open_ser
 
     service = open_service()
     service.apply([records[0], records[1]])
-    live = {n: p.detach().clone() for n, p in service.model.named_parameters()}
+    live = weights(service)
     service.close()
     factors = _as_format_3(tmp_path / "journal")
     reopened = open_service()
     assert not factors.exists() and reopened.n_active == 2
-    assert all(torch.equal(p, live[n]) for n, p in reopened.model.named_parameters())
+    assert_same(weights(reopened), live)
     with sqlite3.connect(tmp_path / "journal" / "journal.sqlite3") as db:
         assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("4",)
         assert all(load(data) for (data,) in db.execute("SELECT data FROM edits"))
@@ -196,7 +209,8 @@ def test_edits_are_computed_on_the_base_model_so_order_does_not_matter(open_serv
     ba = open_service(journal=tmp_path / "ba")
     ba.apply([records[1]])
     ba.apply([records[0]])
-    assert_same_up_to_rounding(weights(ab), weights(ba))
+    # the memories hold the same rows; their columns follow each journal's numbering (A is 1 in one, 2 in the other)
+    assert_same_up_to_rounding(rows_in_one_order(weights(ab)), rows_in_one_order(weights(ba)))
     ab_keys = ab.journal.load_key_values([2])[2]  # edit B's rows do not depend on A being active
     ba_keys = ba.journal.load_key_values([1])[1]
     assert all(torch.equal(ab_keys[n][0], ba_keys[n][0]) and torch.equal(ab_keys[n][1], ba_keys[n][1]) for n in ab_keys)
@@ -238,20 +252,22 @@ def test_within_one_apply_the_later_edit_of_a_fact_wins(open_service, records):
 
 @pytest.mark.slow
 def test_a_thousand_edits_in_chunks_of_a_hundred_keep_journal_and_weights_consistent(open_service, tmp_path, trained_gpt2_dir):
-    base = {k: v.clone() for k, v in load_model(trained_gpt2_dir, device="cpu")[0].state_dict().items()}
+    base = edited_state(load_model(trained_gpt2_dir, device="cpu")[0])
     service = open_service(max_edits_per_call=100)
     edits = [EditRecord(prompt=f"Fact number {i} is", target_new=f"answer {i % 37}") for i in range(1000)]
     for i in range(0, 1000, 100):
         service.apply(edits[i : i + 100])
     assert service.n_active == 1000 and service.revision == 10 and len(service.list(active_only=True)) == 1000
     live = weights(service)
-    # the live weights are the base weights plus one least-squares solve over every active edit's rows
+    # the live memory is one least-squares solve over every active edit's kept rows: ungated, it writes x S
+    stored = service.journal.load_key_values(range(1, 1001))
     for name, t in service.state.targets.items():
-        stored = service.journal.load_key_values(range(1, 1001))
-        rows = [stored[s][name] for s in range(1, 1001)]
+        rows = [select_rows(*stored[s][name], service.method.editor.cfg.keep) for s in range(1, 1001)]
         u, d = torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
         s = solve(service.method.editor.base_eigen(name), u, d)
-        torch.testing.assert_close(live[name], base[name] + t.to_weight_layout(s).float(), rtol=1e-5, atol=1e-6)
+        keys, values = (live[n].double() for n in memory_names(t.name))
+        assert keys.shape[1] == u.shape[0]
+        torch.testing.assert_close(keys @ values, s, rtol=1e-4, atol=1e-6)
     service.close()
     replayed = open_service(max_edits_per_call=100)
     assert_same(weights(replayed), live)
