@@ -26,12 +26,13 @@ because rows crowd each other out: with a thousand edits a row's own share c_j(u
 fraction of what it is alone. Per edit only its strong rows are kept (value norm ≥ `keep` x the
 edit's largest in that layer): the template words every prompt shares carry little of the change
 and would only make the rows of different edits compete. With τ = 0 and keep = 0 this is S exactly.
-The layer holds the memory as G̃ = G / c(u) and D̃ = c(u) D (`normalised`: then the test is
-|x G̃_j| ≥ τ, and G̃ D̃ = G D) in buffers (`attach_memory`); the base weights are never written.
+The layer holds P = (UᵀU + A₀)⁻¹, U, c(u) and D in buffers (`attach_memory`) and computes
+c(x) = (x P) Uᵀ itself: then adding an edit changes P and the shares c(u), never a (fan_in, R)
+matrix. The base weights are never written.
 
-A served model keeps `LayerMemory` (P = A⁻¹, G, D) per layer and adds or removes a group of edits
-with one rank-k Woodbury step, O(fan_in² k + fan_in k R) for R active rows, instead of a new
-O(fan_in³) factorisation.
+A served model keeps `LayerMemory` per layer and adds or removes a group of k rows with one rank-k
+Woodbury step, O(fan_in² k + fan_in k R) for R active rows, instead of a new O(fan_in³)
+factorisation; the rows themselves are appended in place.
 """
 
 from __future__ import annotations
@@ -45,24 +46,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 KeyValues = dict[str, tuple[torch.Tensor, torch.Tensor]]  # param_name -> (keys U (k, fan_in), values D (k, fan_out))
-
-
-def gate_matrix(base: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
-    """G = (UᵀU + A₀)⁻¹Uᵀ in float64 -> (n, k): x G are the rows' coefficients at input x."""
-    q, w = base
-    u = keys.double()
-    if u.shape[0] < q.shape[0]:  # the dual form: a (k, k) system instead of an (n, n) one
-        a0inv_ut = q @ ((q.T @ u.T) / w[:, None])  # (n, k)
-        eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
-        return torch.linalg.solve(eye + u @ a0inv_ut, a0inv_ut.T).T  # symmetric (k, k) system
-    return torch.linalg.solve((q * w) @ q.T + u.T @ u, u.T)
-
-
-def normalised(keys: torch.Tensor, g: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G̃, D̃) = (G / c(u), c(u) D) with c_j(u_j) = u_j G_j, each row's share at its own key (> 0: A is
-    positive definite), so x G̃_j is the share of row j's own change that input x receives."""
-    own = (keys.double() * g.T).sum(1)  # (R,)
-    return g / own, values.double() * own[:, None]
 
 
 def select_rows(keys: torch.Tensor, values: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,95 +69,159 @@ def solve(base: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor, values: t
     return torch.linalg.solve((q * w) @ q.T + u.T @ u, u.T @ d)
 
 
-@dataclass(frozen=True)
-class LayerMemory:
-    """The edit memory of one layer for a set of edit rows: P = (A₀ + UᵀU)⁻¹, G = P Uᵀ (a column per
-    row), the rows' keys U and values D; `owners` names each row's edit, in column order."""
+def inverse_system(base: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
+    """P = (A₀ + UᵀU)⁻¹ in float64 -> (n, n), differentiable; base = (Q, w) with A₀ = Q diag(w) Qᵀ."""
+    q, w = base
+    u = keys.double()
+    a0inv = (q / w) @ q.T
+    if u.shape[0] < q.shape[0]:  # Woodbury: a (k, k) system instead of an (n, n) one
+        a0inv_ut = a0inv @ u.T  # (n, k)
+        eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
+        return a0inv - a0inv_ut @ torch.linalg.solve(eye + u @ a0inv_ut, a0inv_ut.T)
+    return torch.linalg.inv((q * w) @ q.T + u.T @ u)
 
-    P: torch.Tensor  # (fan_in, fan_in) float64
-    G: torch.Tensor  # (fan_in, R) float64
-    U: torch.Tensor  # (R, fan_in) float64
-    D: torch.Tensor  # (R, fan_out) float64
-    owners: tuple[int, ...] = ()
 
-    def ordered(self) -> "LayerMemory":
-        """The rows sorted by edit (stable): the same active set gives the same layout however it was reached."""
-        order = sorted(range(len(self.owners)), key=self.owners.__getitem__)
-        if order == list(range(len(order))):
-            return self
-        return LayerMemory(self.P, self.G[:, order], self.U[order], self.D[order], tuple(self.owners[i] for i in order))
+def own_shares(keys: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """c_j(u_j) = u_j P u_jᵀ for each row (R,): what a row writes at its own key, as a share of d_j (> 0)."""
+    u = keys.double()
+    return ((u @ p) * u).sum(1)
 
-    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the layer holds: (G̃ (fan_in, R), D̃ (R, fan_out)) (`normalised`)."""
-        return normalised(self.U, self.G, self.D)
+
+@dataclass
+class _Rows:
+    """Append-only storage of one layer's rows, shared by successive `LayerMemory` versions: rows
+    [0, R) are a memory's own, so a memory may append in place only while nothing was appended
+    after its R (a sibling proposal copies instead). Appending k rows then costs O(k), not O(R)."""
+
+    keys: torch.Tensor  # (capacity, n) float64
+    keys32: torch.Tensor  # (capacity, n) float32: what the layer reads
+    values: torch.Tensor  # (capacity, m) float32
+    used: int = 0
 
     @classmethod
-    def fresh(cls, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...] = ()) -> "LayerMemory":
-        """From scratch: one Cholesky factorisation of A₀ + UᵀU (no rows: the base state, R = 0)."""
+    def of(cls, keys: torch.Tensor, keys32: torch.Tensor, values: torch.Tensor, capacity: int) -> "_Rows":
+        r, n, m = keys.shape[0], keys.shape[1], values.shape[1]
+        out = cls(keys.new_zeros(capacity, n, dtype=torch.float64), keys.new_zeros(capacity, n, dtype=torch.float32),
+                  values.new_zeros(capacity, m, dtype=torch.float32), r)
+        out.keys[:r], out.keys32[:r], out.values[:r] = keys, keys32, values
+        return out
+
+    def appended(self, r: int, keys: torch.Tensor, values: torch.Tensor) -> "_Rows":
+        """Storage whose rows [0, r) are these and [r, r + k) the given ones."""
+        k = keys.shape[0]
+        rows = self
+        if self.used != r or r + k > self.keys.shape[0]:
+            rows = _Rows.of(self.keys[:r], self.keys32[:r], self.values[:r], max(64, 2 * (r + k)))
+        rows.keys[r : r + k], rows.keys32[r : r + k], rows.values[r : r + k] = keys.double(), keys.float(), values.float()
+        rows.used = r + k
+        return rows
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """The edit memory of one layer for a set of edit rows: P = (A₀ + UᵀU)⁻¹, each row's own share
+    c_j(u_j), and the rows' keys U and values D (in `rows`, in the order they came); `owners` names
+    each row's edit."""
+
+    P: torch.Tensor  # (fan_in, fan_in) float64
+    own: torch.Tensor  # (R,) float64
+    rows: _Rows
+    owners: tuple[int, ...] = ()
+
+    @property
+    def keys(self) -> torch.Tensor:  # (R, fan_in) float64
+        return self.rows.keys[: len(self.owners)]
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the layer holds (`gated`): P, U, c(u) and D in float32."""
+        r = len(self.owners)
+        return self.P.float(), self.rows.keys32[:r], self.own.float(), self.rows.values[:r]
+
+    @classmethod
+    def fresh(cls, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...] | None = None) -> "LayerMemory":
+        """From scratch: one Cholesky factorisation of A₀ + UᵀU (no rows: the base state, R = 0).
+        `owners`: each row's edit (default: all rows one edit, 0)."""
         u = keys.double()
+        owners = (0,) * u.shape[0] if owners is None else tuple(owners)
+        if len(owners) != u.shape[0]:
+            raise ValueError(f"{len(owners)} owners for {u.shape[0]} rows")
         chol = torch.linalg.cholesky(base + u.T @ u)
         # row-major P: cholesky_inverse returns it column-major, which makes every P @ Uᵀ ~15x slower
-        return cls(torch.cholesky_inverse(chol).contiguous(), torch.cholesky_solve(u.T.contiguous(), chol), u, values.double(), owners)
+        p = torch.cholesky_inverse(chol).contiguous()
+        return cls(p, own_shares(u, p), _Rows.of(u, keys.float(), values.float(), max(64, 2 * u.shape[0])), owners)
 
     def added(self, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...]) -> "LayerMemory":
-        """With k more rows, by one Woodbury step (A' = A + UᵀU):
+        """With k more rows, by one Woodbury step (A' = A + UₖᵀUₖ):
 
-            M = I + U P Uᵀ,  K = P Uᵀ M⁻¹,  P' = P − K U P,  G' = [G − K (U G),  K]
+            M = I + Uₖ P Uₖᵀ,  K = P Uₖᵀ M⁻¹,  P' = P − K Uₖ P,  c_j' = c_j − (u_j K)·(u_j P Uₖᵀ)
 
-        (the new rows' own columns P' Uᵀ = P Uᵀ − K (M − I) are K itself)."""
+        O(fan_in² k) for P plus O(fan_in R k) for the other rows' shares."""
         u = keys.double()
         pu = self.P @ u.T  # (n, k)
         m = u @ pu + torch.eye(u.shape[0], dtype=u.dtype, device=u.device)  # (k, k), symmetric
         k = torch.linalg.solve(m, pu.T).T  # (n, k) = P Uᵀ M⁻¹
         # addmm: one pass over the (n, n) matrix, ~15x faster on CPU than P - K @ PUᵀ
-        return LayerMemory(torch.addmm(self.P, k, pu.T, alpha=-1), torch.cat([torch.addmm(self.G, k, u @ self.G, alpha=-1), k], 1),
-                           torch.cat([self.U, u]), torch.cat([self.D, values.double()]), self.owners + owners)
+        p = torch.addmm(self.P, k, pu.T, alpha=-1)
+        return LayerMemory(p, torch.cat([self._shares_without(k, pu), own_shares(u, p)]),
+                           self.rows.appended(len(self.owners), keys, values), self.owners + owners)
 
     def removed(self, gone: set[int]) -> "LayerMemory":
-        """Without the rows of the edits in `gone`, by one Woodbury step (A' = A − UᵀU, U their keys):
-        M = U P Uᵀ − I, K = P Uᵀ M⁻¹, P' = P − K U P, G' = G_kept − K (U G_kept)."""
+        """Without the rows of the edits in `gone`, by one Woodbury step (A' = A − UₖᵀUₖ, Uₖ their keys):
+        M = Uₖ P Uₖᵀ − I, K = P Uₖᵀ M⁻¹, P' = P − K Uₖ P; the kept rows are copied to new storage."""
         kept = [i for i, o in enumerate(self.owners) if o not in gone]
-        u = self.U[[i for i, o in enumerate(self.owners) if o in gone]]
+        u = self.keys[[i for i, o in enumerate(self.owners) if o in gone]]
         pu = self.P @ u.T
         m = u @ pu - torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
         k = torch.linalg.solve(m, pu.T).T
-        g = self.G[:, kept]
-        return LayerMemory(torch.addmm(self.P, k, pu.T, alpha=-1), torch.addmm(g, k, u @ g, alpha=-1), self.U[kept], self.D[kept],
+        rows = _Rows.of(self.rows.keys[kept], self.rows.keys32[kept], self.rows.values[kept], max(64, 2 * len(kept)))
+        return LayerMemory(torch.addmm(self.P, k, pu.T, alpha=-1), self._shares_without(k, pu)[kept], rows,
                            tuple(self.owners[i] for i in kept))
 
-
-MEMORY_KEYS, MEMORY_VALUES = "mend_keys", "mend_values"  # buffer names on each edited layer
-
-
-def memory_names(module_name: str) -> tuple[str, str]:
-    """The override names of a layer's memory: (G̃ (fan_in, R), D̃ (R, fan_out)) for `functional_call`."""
-    return f"{module_name}.{MEMORY_KEYS}", f"{module_name}.{MEMORY_VALUES}"
+    def _shares_without(self, k: torch.Tensor, pu: torch.Tensor) -> torch.Tensor:
+        """This memory's rows' shares after P' = P − K (P Uₖᵀ)ᵀ: c_j − (u_j K)·(u_j P Uₖᵀ), one pass over U."""
+        t = self.keys @ torch.cat([k, pu], 1)  # (R, 2k)
+        return self.own - (t[:, : k.shape[1]] * t[:, k.shape[1] :]).sum(1)
 
 
-def gated(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Σ_j c̃_j [|c̃_j| ≥ τ] d̃_j, c̃ = x G̃, for inputs x (..., fan_in): what the memory adds to a layer's output."""
-    c = x.float() @ keys  # (..., R)
-    return (c * (c.abs() >= threshold)) @ values
+MEMORY = ("mend_p", "mend_keys", "mend_own", "mend_values")  # buffer names on each edited layer
+
+
+def memory_names(module_name: str) -> tuple[str, ...]:
+    """The override names of a layer's memory for `functional_call`: P (fan_in, fan_in), keys U
+    (R, fan_in), own shares c(u) (R,) and values D (R, fan_out)."""
+    return tuple(f"{module_name}.{attr}" for attr in MEMORY)
+
+
+def gated(x: torch.Tensor, p: torch.Tensor, keys: torch.Tensor, own: torch.Tensor, values: torch.Tensor,
+          threshold: float) -> torch.Tensor:
+    """Σ_j c_j [|c_j| ≥ τ c_j(u_j)] d_j, c = x P Uᵀ, for inputs x (..., fan_in): what the memory adds to a layer's output."""
+    c = (x.float() @ p) @ keys.T  # (..., R)
+    return (c * (c.abs() >= threshold * own)) @ values
 
 
 def _memory_hook(module, inputs, output):
-    keys = getattr(module, MEMORY_KEYS)
-    if keys.shape[1] == 0:
+    if module.mend_keys.shape[0] == 0:
         return output
-    return output + gated(inputs[0], keys, getattr(module, MEMORY_VALUES), module.mend_gate).to(output.dtype)
+    return output + gated(inputs[0], module.mend_p, module.mend_keys, module.mend_own, module.mend_values,
+                          module.mend_gate).to(output.dtype)
+
+
+def empty_memory(fan_in: int, fan_out: int, device=None) -> tuple[torch.Tensor, ...]:
+    """The buffers of a memory without rows (the base model)."""
+    return (torch.zeros(0, 0, device=device), torch.zeros(0, fan_in, device=device), torch.zeros(0, device=device),
+            torch.zeros(0, fan_out, device=device))
 
 
 def _attach(module: torch.nn.Module, fan_in: int, fan_out: int) -> None:
-    if not hasattr(module, MEMORY_KEYS):
-        device = module.weight.device
-        module.register_buffer(MEMORY_KEYS, torch.zeros(fan_in, 0, device=device), persistent=False)
-        module.register_buffer(MEMORY_VALUES, torch.zeros(0, fan_out, device=device), persistent=False)
+    if not hasattr(module, "mend_keys"):
+        for attr, tensor in zip(MEMORY, empty_memory(fan_in, fan_out, module.weight.device)):
+            module.register_buffer(attr, tensor, persistent=False)
         module.register_forward_hook(_memory_hook)
 
 
 def attach_memory(model: torch.nn.Module, targets, threshold: float) -> None:
-    """Give each target layer an empty edit memory: buffers G̃ (fan_in, 0) and D̃ (0, fan_out), the
-    threshold τ, and a forward hook that adds `gated` to its output. The buffers are not saved with
+    """Give each target layer an empty edit memory: the buffers of `memory_names`, the threshold τ,
+    and a forward hook that adds `gated` to its output. The buffers are not saved with
     the model (`persistent=False`; `save_memory` writes them beside it); `functional_call` overrides
     them like weights. Attaching again keeps the memory and sets τ."""
     modules = dict(model.named_modules())
@@ -186,7 +233,7 @@ def attach_memory(model: torch.nn.Module, targets, threshold: float) -> None:
 def memories(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{override name: tensor} of every non-empty edit memory of `model`."""
     return {f"{name}.{attr}": getattr(m, attr) for name, m in model.named_modules()
-            if getattr(m, MEMORY_KEYS, None) is not None and m.mend_keys.shape[1] > 0 for attr in (MEMORY_KEYS, MEMORY_VALUES)}
+            if getattr(m, "mend_keys", None) is not None and m.mend_keys.shape[0] > 0 for attr in MEMORY}
 
 
 MEMORY_FILE = "edit_memory.safetensors"
@@ -215,11 +262,9 @@ def load_memory(model: torch.nn.Module, path: str | Path) -> bool:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     modules = dict(model.named_modules())
     for name, gate in gates.items():
-        keys, values = tensors[f"{name}.{MEMORY_KEYS}"], tensors[f"{name}.{MEMORY_VALUES}"]
         module = modules[name]
-        _attach(module, keys.shape[0], values.shape[1])
+        _attach(module, tensors[f"{name}.mend_keys"].shape[1], tensors[f"{name}.mend_values"].shape[1])
         module.mend_gate = float(gate)
-        device = module.weight.device
-        setattr(module, MEMORY_KEYS, keys.to(device))
-        setattr(module, MEMORY_VALUES, values.to(device))
+        for attr in MEMORY:
+            setattr(module, attr, tensors[f"{name}.{attr}"].to(module.weight.device))
     return True

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from mend.aggregation import KeyValues, attach_memory, gate_matrix, memory_names, normalised, select_rows
+from mend.aggregation import KeyValues, attach_memory
 from mend.batching import encode
 from mend.capture import edit_factors
 from mend.editor import MendEditor
@@ -60,17 +60,9 @@ class MendMethod:
         """The edit memory of `records` together (`mend.aggregation`): per edited layer G of their
         kept rows and their values D, as overrides of the layer's memory buffers. The memory holds
         these records alone: earlier edits in `weights` only shape the captured gradients."""
-        kvs = self.per_edit_key_values(model, tokenizer, records, weights)
-        cfg = self.editor.cfg
-        attach_memory(model, self.editor.targets, cfg.gate)
-        out = {}
-        for t in self.editor.targets:
-            rows = [select_rows(*kv[t.param_name], cfg.keep) for kv in kvs]
-            keys, values = memory_names(t.name)
-            u, d = torch.cat([u for u, _ in rows]), torch.cat([d for _, d in rows])
-            g, d = normalised(u, gate_matrix(self.editor.base_eigen(t.param_name), u), d)
-            out[keys], out[values] = g.float(), d.float()
-        return out
+        batch, factors = self._factors(model, tokenizer, records, weights)
+        attach_memory(model, self.editor.targets, self.editor.cfg.gate)
+        return {k: v.detach() for k, v in self.editor.memory(factors, batch.attention_mask.sum(1).tolist()).items()}
 
     def _factors(self, model, tokenizer, records: list[EditRecord], weights=None):
         """(batch, captured (u, δ) per target) for the records' targets; the editor in eval mode."""

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from mend.aggregation import KeyValues, solve
+from mend.aggregation import KeyValues, inverse_system, memory_names, own_shares, select_rows, solve
 from mend.errors import ConfigError
 from mend.targets import EditTarget
 
@@ -173,6 +173,19 @@ class MendEditor(nn.Module):
         for name, (a, b) in self.low_rank(factors, gather).items():
             u = factors[name][0]
             out[name] = (u, (u * a).sum(-1, keepdim=True) * b)
+        return out
+
+    def memory(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: list[int]) -> dict[str, torch.Tensor]:
+        """The gated edit memory of one update (`mend.aggregation`): {override name: tensor} of every
+        target (P, U, c(u), D over each edit's kept rows); `rows`: the number of token rows of each
+        edit, in order. Differentiable in the editor, λ_l and μ_l (meta-training with `train.gated`)."""
+        out, kv = {}, self.key_values(factors)
+        for t in self.targets:
+            u, d = kv[t.param_name]
+            kept = [select_rows(a, b, self.cfg.keep) for a, b in zip(u.split(rows), d.split(rows))]
+            u, d = torch.cat([a for a, _ in kept]), torch.cat([b for _, b in kept])
+            p = inverse_system(self.base_eigen(t.param_name), u)
+            out.update(zip(memory_names(t.name), (p.to(u.dtype), u, own_shares(u, p).to(u.dtype), d)))
         return out
 
     def base_eigen(self, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:

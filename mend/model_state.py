@@ -5,14 +5,15 @@ active edits (`mend.aggregation`), each edit's keys and values computed on the b
 
     y = x W₀ + Σ_j c_j(x) [|c_j(x)| ≥ τ c_j(u_j)] d_j,      c(x) = x (A₀ + Σ UₑᵀUₑ)⁻¹ Uᵀ
 
-The weights themselves are never written: the state is the memory buffers (G, D) of each layer.
-A change of the active set removes and adds edits' rows with one Woodbury step per layer (a new
-factorisation from all active rows when it changes more rows than the layer is wide), so its
-cost grows only with the active rows' (fan_in x R) memory, never with a refactorisation. An empty
-active set is the base model itself, exactly. The memory is a deterministic function of the
-sequence of changes (`propose`): replaying the journal's revisions in order gives the same tensors
-bit for bit. The same active set reached by another sequence (other order, a rollback) gives the
-same G and D up to float64 rounding, at most a float32 rounding step apart (rows in another order).
+The weights themselves are never written: the state is each layer's memory buffers (P, U, c(u),
+D; `mend.aggregation.memory_names`). A change of the active set removes and adds edits' rows with
+one Woodbury step per layer (a new factorisation from all active rows when it changes more rows
+than the layer is wide): O(fan_in² k) for P plus one pass over the active rows for their shares,
+with the new rows appended in place. An empty active set is the base model itself, exactly. The
+memory is a deterministic function of the sequence of changes (`propose`): replaying the
+journal's revisions in order gives the same tensors bit for bit. The same active set reached by
+another sequence (other order, a rollback) holds the same rows (in the order they came) and the
+same P and shares up to float64 rounding, at most a float32 rounding step apart.
 
 Readers (generation, scoring, metrics) hold the shared side of a readers-writer lock; a change
 holds the exclusive side for its whole duration, so no reader sees a half-applied edit.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mend.aggregation import KeyValues, LayerMemory, attach_memory, memories, memory_names, select_rows
+from mend.aggregation import MEMORY, KeyValues, LayerMemory, attach_memory, empty_memory, memories, memory_names, select_rows
 from mend.editing import all_finite
 from mend.errors import ConfigError, NoEditorError, UnstableEditError
 from mend.targets import EditTarget
@@ -100,8 +101,8 @@ class EditableModel:
         self._names = {name: memory_names(t.name) for name, t in self.targets.items()}
         device = {name: m.weight.device for name, m in self._modules.items()}
         # the overrides that make `functional_call` compute on the base model: every memory empty
-        self.pristine = {n: torch.zeros(t.fan_in, 0, device=device[name]) if i == 0 else torch.zeros(0, t.fan_out, device=device[name])
-                         for name, t in self.targets.items() for i, n in enumerate(self._names[name])}
+        self.pristine = {n: x for name, t in self.targets.items()
+                         for n, x in zip(self._names[name], empty_memory(t.fan_in, t.fan_out, device[name]))}
         self._systems = {name: a.detach().double().to(device[name]) for name, a in (base_systems or {}).items()}
         self._base = {name: LayerMemory.fresh(a, a.new_zeros(0, a.shape[0]), a.new_zeros(0, self.targets[name].fan_out))
                       for name, a in self._systems.items()}
@@ -130,7 +131,7 @@ class EditableModel:
         active = dict(sorted({**{s: kv for s, kv in self.active.items() if s not in remove}, **add}.items()))
         memories = {}
         for name, base in self._base.items():
-            device = base.G.device
+            device = base.P.device
             rows = sum(kv[name][0].shape[0] for kv in [*gone.values(), *new.values()])
             if not active:
                 memories[name] = base
@@ -142,8 +143,8 @@ class EditableModel:
                     mem = mem.removed(set(gone))
                 if new:
                     mem = mem.added(*self._rows(new, name, device))
-                memories[name] = mem.ordered()
-            if not all_finite({name: memories[name].G}):
+                memories[name] = mem
+            if not all_finite({"P": memories[name].P, "shares": memories[name].own}):
                 raise UnstableEditError(f"the combined update of {name} is not finite; nothing was changed")
         return Change(active, memories)
 
@@ -151,11 +152,8 @@ class EditableModel:
         """The memory buffers of `change` (what `commit` writes) as `functional_call` overrides."""
         out = {}
         for name, mem in change.memories.items():
-            keys, values = self._names[name]
-            if change.active:
-                out[keys], out[values] = (x.float() for x in mem.buffers())
-            else:
-                out[keys], out[values] = self.pristine[keys].clone(), self.pristine[values].clone()
+            names = self._names[name]
+            out.update(zip(names, mem.buffers() if change.active else (self.pristine[n].clone() for n in names)))
         return out
 
     @torch.no_grad()
@@ -163,7 +161,7 @@ class EditableModel:
         """Write `change` (and its `weights`, when already computed). Caller holds `lock.write()`."""
         weights = weights or self.weights(change)
         for name, module in self._modules.items():
-            for attr, full in zip(("mend_keys", "mend_values"), self._names[name]):
+            for attr, full in zip(MEMORY, self._names[name]):
                 setattr(module, attr, weights[full])
         self.active, self.memories = change.active, change.memories
 
@@ -171,8 +169,8 @@ class EditableModel:
         """The edited layers' weights and memory buffers as they are now."""
         out = {}
         for name, module in self._modules.items():
-            keys, values = self._names[name]
-            out[name], out[keys], out[values] = module.weight.detach(), module.mend_keys, module.mend_values
+            out[name] = module.weight.detach()
+            out.update(zip(self._names[name], (getattr(module, attr) for attr in MEMORY)))
         return out
 
     def digest(self) -> str:

@@ -29,6 +29,7 @@ from mend.batching import encode, logits, masked_kl, target_nll
 from mend.capture import edit_factors, layer_inputs
 from mend.checkpoint import save_editor
 from mend.distributed import Shard
+from mend.aggregation import attach_memory
 from mend.editing import MendMethod, edited_weights
 from mend.editor import EditorConfig, MendEditor
 from mend.errors import ConfigError
@@ -59,6 +60,7 @@ class TrainConfig:
     patience: int = 4  # validations without improvement before stopping
     seed: int = 0
     fsdp: bool = False  # under torchrun: shard the frozen base model's parameters across the ranks (mend.distributed)
+    gated: bool = False  # the meta-loss edits through the served, gated memory (one process only) instead of the plain solve
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -114,7 +116,10 @@ def meta_loss(model, editor, tokenizer, records: list[EditRecord], loc: list[Fac
     factors = edit_factors(model, targets, edit_batch)
     if not mine:
         factors = {name: (u[:0], d[:0]) for name, (u, d) in factors.items()}
-    weights = edited_weights(model, editor(factors, gather=shard.gather))
+    if cfg.gated:  # the served combination (mend.aggregation): each edit's kept rows, written through the gate
+        weights = editor.memory(factors, edit_batch.attention_mask.sum(1).tolist())
+    else:
+        weights = edited_weights(model, editor(factors, gather=shard.gather))
     scored = records if scored is None else scored
     own = shard.take(scored)
     n_prompts = shard.total(torch.tensor(float(len(own) + sum(len(r.rephrase_prompt) for r in own)), device=device))
@@ -158,10 +163,13 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
     0 under torchrun: `shard` is this process's part, `mend.distributed.start`)."""
     if min(cfg.locality_per_step, cfg.preserved_facts) < shard.world:
         raise ConfigError(f"train.locality_per_step and train.preserved_facts must be at least the number of processes ({shard.world})")
+    if cfg.gated and shard.world > 1:
+        raise ConfigError("train.gated runs in one process: start it without torchrun, or set train.gated=false")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)  # the same on every rank: every rank samples the same global step
     device = next(model.parameters()).device
     editor = MendEditor(targets, editor_cfg).to(device).train()
+    attach_memory(model, targets, editor_cfg.gate)  # the layers' (empty) edit memories: train.gated and validation write them
     observe_preserved(model, tokenizer, editor, rng.sample(train.locality_pool, min(cfg.preserved_facts, len(train.locality_pool))),
                       shard=shard)
     net = editor

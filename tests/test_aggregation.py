@@ -2,7 +2,8 @@
 
 import torch
 
-from mend.aggregation import LayerMemory, attach_memory, gate_matrix, gated, memory_names, normalised, select_rows, solve
+from mend.aggregation import LayerMemory, attach_memory, gated, inverse_system, memory_names, save_memory, select_rows, solve
+from mend.models import load_model
 from mend.editing import edited_weights
 from mend.targets import resolve_targets
 
@@ -33,48 +34,54 @@ def test_the_memory_is_the_least_squares_update_split_into_rows():
     u, d = (x.double() for x in stacked(edits))
     mem = LayerMemory.fresh(base, u, d)
     torch.testing.assert_close(mem.P @ (base + u.T @ u), torch.eye(base.shape[0], dtype=torch.float64))
-    torch.testing.assert_close(mem.G @ mem.D, solve(eigen(base), u, d))  # x G D = x S: without the gate, S itself
-    torch.testing.assert_close(mem.G, gate_matrix(eigen(base), u))  # the primal form (k >= n)
+    torch.testing.assert_close(mem.P @ u.T @ d, solve(eigen(base), u, d))  # x P Uᵀ D = x S: without the gate, S itself
+    torch.testing.assert_close(inverse_system(eigen(base), u), mem.P)  # k >= n
     few = LayerMemory.fresh(base, u[:10], d[:10])
-    torch.testing.assert_close(few.G, gate_matrix(eigen(base), u[:10]))  # the dual form (k < n)
+    torch.testing.assert_close(inverse_system(eigen(base), u[:10]), few.P)  # Woodbury (k < n)
+    torch.testing.assert_close(mem.own, torch.diagonal(u @ mem.P @ u.T))
 
 
 def test_adding_and_removing_edits_one_by_one_matches_a_fresh_memory_in_any_order():
     base, edits = problem()
     empty = LayerMemory.fresh(base, torch.zeros(0, 24), torch.zeros(0, 8))
-    assert empty.G.shape == (24, 0) and empty.D.shape == (0, 8)
+    assert empty.keys.shape == (0, 24) and empty.own.shape == (0,)
     forward, backward = empty, empty
     for s, (u, d) in enumerate(edits):
         forward = forward.added(u, d, owners([(u, d)], [s]))
     for s, (u, d) in reversed(list(enumerate(edits))):
         backward = backward.added(u, d, owners([(u, d)], [s]))
     fresh = LayerMemory.fresh(base, *stacked(edits), owners(edits, range(3)))
-    torch.testing.assert_close(forward.G, fresh.G, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(forward.P, fresh.P, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(backward.G @ backward.D, fresh.G @ fresh.D, rtol=1e-10, atol=1e-12)  # rows in another order
+    for mem in (forward, backward):
+        torch.testing.assert_close(mem.P, fresh.P, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(forward.own, fresh.own, rtol=1e-10, atol=1e-12)
+    assert torch.equal(forward.keys, fresh.keys) and torch.equal(forward.buffers()[3], fresh.buffers()[3])
+    order = [i for s in range(3) for i, o in enumerate(backward.owners) if o == s]  # backward holds the rows in the order they came
+    torch.testing.assert_close(backward.own[order], fresh.own, rtol=1e-10, atol=1e-12)
     without_first = forward.removed({0})  # "as if it had never been applied"
     again = LayerMemory.fresh(base, *stacked(edits[1:]), owners(edits[1:], [1, 2]))
-    assert without_first.owners == again.owners
-    torch.testing.assert_close(without_first.G, again.G, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(without_first.D, again.D)
-    torch.testing.assert_close(without_first.U, again.U)
+    assert without_first.owners == again.owners and torch.equal(without_first.keys, again.keys)
+    torch.testing.assert_close(without_first.P, again.P, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(without_first.own, again.own, rtol=1e-10, atol=1e-12)
 
 
-def test_normalised_memory_gives_each_row_a_share_of_one_at_its_own_key():
+def test_a_proposal_from_an_older_memory_does_not_overwrite_a_newer_ones_rows():
     base, edits = problem()
-    u, d = (x.double() for x in stacked(edits[:2]))
-    mem = LayerMemory.fresh(base, u, d)
-    g, dn = mem.buffers()
-    torch.testing.assert_close(torch.diagonal(u @ g), torch.ones(u.shape[0], dtype=torch.float64))
-    torch.testing.assert_close(g @ dn, mem.G @ mem.D)  # the same update without the gate
+    first = LayerMemory.fresh(base, *edits[0], owners(edits[:1], [0]))
+    a = first.added(*edits[1], owners([edits[1]], [1]))  # appended in place
+    b = first.added(*edits[2], owners([edits[2]], [2]))  # a sibling: must not reuse a's slots
+    assert torch.equal(a.keys, torch.cat([edits[0][0], edits[1][0]]).double())
+    assert torch.equal(b.keys, torch.cat([edits[0][0], edits[2][0]]).double())
 
 
-def test_the_gate_writes_only_rows_whose_coefficient_reaches_the_threshold():
-    keys = torch.eye(4)[:, :3]  # three rows whose coefficients at x are x's first three coordinates
+def test_the_gate_writes_only_rows_whose_share_reaches_the_threshold():
+    p = torch.eye(4)
+    keys = torch.eye(4)[:3]  # three rows whose coefficients at x are x's first three coordinates, own share 1
+    own = torch.ones(3)
     values = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     x = torch.tensor([[0.9, -0.5, 0.1, 7.0]])
-    torch.testing.assert_close(gated(x, keys, values, 0.0), x[:, :3] @ values)  # no gate: the linear update
-    torch.testing.assert_close(gated(x, keys, values, 0.3), torch.tensor([[0.9, -0.5]]))  # row 3 (0.1) stays silent
+    torch.testing.assert_close(gated(x, p, keys, own, values, 0.0), x[:, :3] @ values)  # no gate: the linear update
+    torch.testing.assert_close(gated(x, p, keys, own, values, 0.3), torch.tensor([[0.9, -0.5]]))  # row 3 (0.1) stays silent
+    torch.testing.assert_close(gated(x, p, keys, 0.1 * own, values, 0.3), x[:, :3] @ values)  # relative to the row's own share
 
 
 def test_select_rows_keeps_each_edits_strong_rows():
@@ -84,16 +91,23 @@ def test_select_rows_keeps_each_edits_strong_rows():
     assert select_rows(u, d, 0.0)[0] is u
 
 
-def test_an_attached_memory_edits_the_layer_output_through_functional_call(gpt2):
+def test_an_attached_memory_edits_the_layer_output_through_functional_call_and_saves_beside_the_model(gpt2, tmp_path):
     model, tok = gpt2
-    (target,) = resolve_targets(model, n_last_blocks=1, patterns=[r"transformer\.h\.1\.mlp\.c_proj"])
+    (target,) = resolve_targets(model, patterns=[r"transformer\.h\.1\.mlp\.c_proj"])
     attach_memory(model, [target], threshold=0.0)
     batch = tok(["a b c"], return_tensors="pt")
     base = model(**batch).logits
-    keys_name, values_name = memory_names(target.name)
     g = torch.Generator().manual_seed(0)
-    memory = {keys_name: torch.randn(target.fan_in, 3, generator=g), values_name: torch.randn(3, target.fan_out, generator=g)}
-    edited = torch.func.functional_call(model, edited_weights(model, memory), (), dict(batch)).logits
+    u = torch.randn(3, target.fan_in, generator=g)
+    mem = LayerMemory.fresh(torch.eye(target.fan_in, dtype=torch.float64), u, torch.randn(3, target.fan_out, generator=g))
+    overrides = dict(zip(memory_names(target.name), mem.buffers()))
+    edited = torch.func.functional_call(model, edited_weights(model, overrides), (), dict(batch)).logits
     assert not torch.allclose(edited, base)
     assert torch.equal(model(**batch).logits, base)  # the model itself keeps its empty memory
-    assert "mend_keys" not in "".join(model.state_dict())  # and does not save it
+    assert not any("mend_" in k for k in model.state_dict())  # and save_pretrained does not save it
+    for name, tensor in overrides.items():  # written into the model: what `mend edit` saves beside the weights
+        setattr(dict(model.named_modules())[target.name], name.rsplit(".", 1)[1], tensor)
+    model.save_pretrained(tmp_path)
+    save_memory(model, tmp_path)
+    loaded, _ = load_model(tmp_path, device="cpu")
+    assert torch.equal(loaded(**batch).logits, model(**batch).logits)

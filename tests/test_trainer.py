@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from mend.aggregation import attach_memory
 from mend.checkpoint import load_editor, read_meta
 from mend.editor import EditorConfig, MendEditor
 from mend.models import load_model
@@ -41,3 +42,24 @@ def test_short_meta_training_lowers_post_edit_loss(trained_gpt2_dir, world, tmp_
     after = held_out_meta_loss(model, tok, load_editor(tmp_path, model), val, cfg)
     assert after < 0.7 * before, (before, after)
     assert len(report["history"]) >= 1 and read_meta(tmp_path)["validation"]["step"] in (50, 100, 150)
+
+
+def test_the_gated_meta_loss_is_the_plain_one_without_gate_and_trains_the_editor(trained_gpt2_dir, world):
+    model, tok = load_model(trained_gpt2_dir, device="cpu")
+    targets = resolve_targets(model, n_last_blocks=2)
+    train = world.edit_split("train")
+    records, loc = train.records[:3], train.locality_pool[:8]
+    plain, gated = TrainConfig(), TrainConfig(gated=True)
+    editor = MendEditor(targets, EditorConfig(rank=32, step_init=1e-2, gate=0.0, keep=0.0)).train()
+    attach_memory(model, targets, 0.0)
+    meta_loss(model, editor, tok, records, loc, plain)  # normalisation statistics
+    editor.eval()  # no more statistics: both losses see the same editor
+    a, _ = meta_loss(model, editor, tok, records, loc, plain)
+    b, _ = meta_loss(model, editor, tok, records, loc, gated)  # ungated memory over every row: x P Uᵀ D = x S
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    editor.cfg = EditorConfig(rank=32, step_init=1e-2)  # the served gate and row selection
+    attach_memory(model, targets, editor.cfg.gate)
+    loss, _ = meta_loss(model, editor, tok, records, loc, gated)
+    loss.backward()
+    grads = [p.grad for p in editor.nets.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
