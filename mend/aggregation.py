@@ -69,12 +69,13 @@ def solve(base: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor, values: t
     return torch.linalg.solve((q * w) @ q.T + u.T @ u, u.T @ d)
 
 
-def inverse_system(base: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
-    """P = (A₀ + UᵀU)⁻¹ in float64 -> (n, n), differentiable; base = (Q, w) with A₀ = Q diag(w) Qᵀ."""
+def inverse_system(base: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor, a0inv: torch.Tensor | None = None) -> torch.Tensor:
+    """P = (A₀ + UᵀU)⁻¹ in float64 -> (n, n), differentiable; base = (Q, w) with A₀ = Q diag(w) Qᵀ,
+    `a0inv` = A₀⁻¹ when already known."""
     q, w = base
     u = keys.double()
-    a0inv = (q / w) @ q.T
-    if u.shape[0] < q.shape[0]:  # Woodbury: a (k, k) system instead of an (n, n) one
+    if u.shape[0] < q.shape[0]:
+        a0inv = (q / w) @ q.T if a0inv is None else a0inv  # Woodbury: a (k, k) system instead of an (n, n) one
         a0inv_ut = a0inv @ u.T  # (n, k)
         eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
         return a0inv - a0inv_ut @ torch.linalg.solve(eye + u @ a0inv_ut, a0inv_ut.T)
@@ -101,8 +102,9 @@ class _Rows:
     @classmethod
     def of(cls, keys: torch.Tensor, keys32: torch.Tensor, values: torch.Tensor, capacity: int) -> "_Rows":
         r, n, m = keys.shape[0], keys.shape[1], values.shape[1]
-        out = cls(keys.new_zeros(capacity, n, dtype=torch.float64), keys.new_zeros(capacity, n, dtype=torch.float32),
-                  values.new_zeros(capacity, m, dtype=torch.float32), r)
+        # uninitialised: only rows [0, used) are ever read (zero-filling the capacity took as long as the copy)
+        out = cls(keys.new_empty(capacity, n, dtype=torch.float64), keys.new_empty(capacity, n, dtype=torch.float32),
+                  values.new_empty(capacity, m, dtype=torch.float32), r)
         out.keys[:r], out.keys32[:r], out.values[:r] = keys, keys32, values
         return out
 

@@ -55,7 +55,7 @@ def _median_seconds(fn, records: list[EditRecord]) -> float:
 
 def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRecord], chunk: int = 100) -> dict:
     """The served edit with 0 and with len(active) active edits: `bare_edit_s` (keys and values on the
-    base weights, the least-squares change of every layer and the new weights, nothing written) and
+    base weights, the change of every layer's memory and its new buffers, as ApplyEdit makes them) and
     `apply_edit_s` (a whole ApplyEdit: metrics, journal and write; each is rolled back untimed),
     `apply_edit_no_metrics_s` (the same without metrics, as for bulk loads);
     `apply_chunk_s` (ApplyEdits of `chunk` edits), `replay_s` (reopening the journal of len(active)
@@ -63,9 +63,19 @@ def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRe
     distinct facts."""
     service = open_service()
 
-    def bare(r: EditRecord) -> None:
-        (kv,) = service.method.per_edit_key_values(service.model, service.tokenizer, [r], service.state.pristine)
-        service.state.weights(service.state.propose([], {service.journal.next_seq(): kv}))
+    def bare(r: EditRecord) -> float:
+        """Seconds of one edit's keys, values and change of the memory, as ApplyEdit makes it (then
+        written and taken back, untimed: the next edit is again proposed on the committed state)."""
+        state, seq = service.state, service.journal.next_seq()
+        with state.lock.write():
+            start = time.perf_counter()
+            (kv,) = service.method.per_edit_key_values(service.model, service.tokenizer, [r], state.pristine)
+            change = state.propose([], {seq: kv})
+            weights = state.weights(change)
+            elapsed = time.perf_counter() - start
+            state.commit(change, weights)
+            state.commit(state.propose([seq], {}))
+        return elapsed
 
     def applied(r: EditRecord, metrics: bool) -> None:
         start = time.perf_counter()
@@ -83,7 +93,7 @@ def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRe
                 for i in range(0, len(active), chunk):
                     service.apply(active[i : i + chunk])
                 result["apply_chunk_s"] = (time.perf_counter() - start) / -(-len(active) // chunk)
-            result[f"bare_edit_s@{label}"] = _median_seconds(bare, timed)
+            result[f"bare_edit_s@{label}"] = statistics.median(bare(r) for r in timed)
             for metrics, key in ((True, "apply_edit_s"), (False, "apply_edit_no_metrics_s")):
                 seconds: list[float] = []
                 for r in timed:

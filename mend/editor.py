@@ -148,7 +148,8 @@ class MendEditor(nn.Module):
         self.log_preserve = nn.Parameter(torch.full((len(targets),), math.log(max(cfg.preserve_init, 1e-30))))
         self.preserved = nn.ModuleList(KeyCovariance(t.fan_in) for t in targets)
         self._eigen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # target index -> C₀'s (eigenvectors, eigenvalues)
-        self.register_load_state_dict_post_hook(lambda module, _: module._eigen.clear())
+        self._inverse: dict[int, tuple[tuple[float, float], torch.Tensor]] = {}  # target index -> ((log μ, log λ), A₀⁻¹)
+        self.register_load_state_dict_post_hook(lambda module, _: module._forget())
 
     def low_rank(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], gather=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{param_name: (u (N, fan_in), δ (N, fan_out))} -> {param_name: (a, b)}, MEND's per-token
@@ -184,7 +185,7 @@ class MendEditor(nn.Module):
             u, d = kv[t.param_name]
             kept = [select_rows(a, b, self.cfg.keep) for a, b in zip(u.split(rows), d.split(rows))]
             u, d = torch.cat([a for a, _ in kept]), torch.cat([b for _, b in kept])
-            p = inverse_system(self.base_eigen(t.param_name), u)
+            p = inverse_system(self.base_eigen(t.param_name), u, None if torch.is_grad_enabled() else self._base_inverse(t.param_name))
             out.update(zip(memory_names(t.name), (p.to(u.dtype), u, own_shares(u, p).to(u.dtype), d)))
         return out
 
@@ -198,6 +199,15 @@ class MendEditor(nn.Module):
         q, evals = self._eigen[i]
         return q, self.log_preserve[i].exp().double() * evals + self.log_ridge[i].exp().double()
 
+    def _base_inverse(self, param_name: str) -> torch.Tensor:
+        """A₀⁻¹ (n, n) float64 for the current λ_l and μ_l, computed once for them (not differentiable)."""
+        i = self.index[param_name]
+        key = (float(self.log_preserve[i]), float(self.log_ridge[i]))
+        if i not in self._inverse or self._inverse[i][0] != key:
+            q, w = self.base_eigen(param_name)
+            self._inverse[i] = (key, (q / w.detach()) @ q.T)
+        return self._inverse[i][1]
+
     def base_system(self, param_name: str) -> torch.Tensor:
         """A₀ (fan_in, fan_in) float64."""
         q, w = self.base_eigen(param_name)
@@ -208,7 +218,7 @@ class MendEditor(nn.Module):
         """Add keys of unedited text ({param_name: (N, fan_in)}) to each layer's C₀."""
         for name, k in keys.items():
             self.preserved[self.index[name]].update(k)
-        self._eigen.clear()
+        self._forget()
 
     @torch.no_grad()
     def merge_preserved(self, total) -> None:
@@ -216,10 +226,15 @@ class MendEditor(nn.Module):
         for cov in self.preserved:
             cov.total.copy_(total(cov.total))
             cov.count.copy_(total(cov.count))
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what is cached from C₀, λ_l and μ_l (they changed)."""
         self._eigen.clear()
+        self._inverse.clear()
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) and friends: the cached eigendecompositions move too
-        self._eigen = {}
+        self._eigen, self._inverse = {}, {}
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], gather=None) -> dict[str, torch.Tensor]:
