@@ -64,9 +64,10 @@ def llama_dir(tmp_path_factory, tokenizer):
 
 
 def _same_up_to_rounding(a, b):
-    """Equal to within one float32 rounding step of each weight. The same active set reached in another
-    order gives the same float64 update S to ~1e-12 relative (tests/test_aggregation.py); W₀ + S can
-    then only differ where that last rounding to float32 fell differently."""
+    """Equal to within one float32 rounding step of each tensor. The same active set reached in another
+    order gives the same float64 memory (P, the rows' shares) to ~1e-12 relative
+    (tests/test_aggregation.py); its float32 copy can then only differ where that last rounding fell
+    differently."""
     assert a.keys() == b.keys()
     for k in a:
         step = torch.nextafter(b[k].abs(), torch.tensor(float("inf"))) - b[k].abs()
