@@ -57,9 +57,9 @@ class MendMethod:
 
     @torch.no_grad()
     def deltas(self, model, tokenizer, records: list[EditRecord], weights: dict[str, torch.Tensor] | None = None) -> Deltas:
-        """The edit memory of `records` together (`mend.aggregation`): per edited layer G of their
-        kept rows and their values D, as overrides of the layer's memory buffers. The memory holds
-        these records alone: earlier edits in `weights` only shape the captured gradients."""
+        """The edit memory of `records` together (`mend.aggregation`): per edited layer P, the keys,
+        own shares and values of their kept rows, as overrides of the layer's memory buffers. The
+        memory holds these records alone: earlier edits in `weights` only shape the captured gradients."""
         batch, factors = self._factors(model, tokenizer, records, weights)
         attach_memory(model, self.editor.targets, self.editor.cfg.gate)
         return {k: v.detach() for k, v in self.editor.memory(factors, batch.attention_mask.sum(1).tolist()).items()}

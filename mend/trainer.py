@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from mend.aggregation import attach_memory
 from mend.batching import encode, logits, masked_kl, target_nll
 from mend.capture import edit_factors, layer_inputs
 from mend.checkpoint import save_editor
 from mend.distributed import Shard
-from mend.aggregation import attach_memory
 from mend.editing import MendMethod, edited_weights
 from mend.editor import EditorConfig, MendEditor
 from mend.errors import ConfigError
