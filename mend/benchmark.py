@@ -44,15 +44,6 @@ def run_benchmark(model, tokenizer, methods: list[EditMethod], records: list[Edi
     return result
 
 
-def _median_seconds(fn, records: list[EditRecord]) -> float:
-    times = []
-    for r in records:
-        start = time.perf_counter()
-        fn(r)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRecord], chunk: int = 100) -> dict:
     """The served edit with 0 and with len(active) active edits: `bare_edit_s` (keys and values on the
     base weights, the change of every layer's memory and its new buffers, as ApplyEdit makes them) and
