@@ -159,25 +159,25 @@ class LayerMemory:
 
         O(fan_in² k) for P plus O(fan_in R k) for the other rows' shares."""
         u = keys.double()
-        pu = self.P @ u.T  # (n, k)
-        m = u @ pu + torch.eye(u.shape[0], dtype=u.dtype, device=u.device)  # (k, k), symmetric
-        k = torch.linalg.solve(m, pu.T).T  # (n, k) = P Uᵀ M⁻¹
-        # addmm: one pass over the (n, n) matrix, ~15x faster on CPU than P - K @ PUᵀ
-        p = torch.addmm(self.P, k, pu.T, alpha=-1)
+        p, k, pu = self._woodbury(u, +1)
         return LayerMemory(p, torch.cat([self._shares_without(k, pu), own_shares(u, p)]),
                            self.rows.appended(len(self.owners), keys, values), self.owners + owners)
 
     def removed(self, gone: set[int]) -> "LayerMemory":
-        """Without the rows of the edits in `gone`, by one Woodbury step (A' = A − UₖᵀUₖ, Uₖ their keys):
-        M = Uₖ P Uₖᵀ − I, K = P Uₖᵀ M⁻¹, P' = P − K Uₖ P; the kept rows are copied to new storage."""
+        """Without the rows of the edits in `gone`, by one Woodbury step (A' = A − UₖᵀUₖ, Uₖ their
+        keys); the kept rows are copied to new storage."""
         kept = [i for i, o in enumerate(self.owners) if o not in gone]
-        u = self.keys[[i for i, o in enumerate(self.owners) if o in gone]]
-        pu = self.P @ u.T
-        m = u @ pu - torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
-        k = torch.linalg.solve(m, pu.T).T
+        p, k, pu = self._woodbury(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
         rows = _Rows.of(self.rows.keys[kept], self.rows.keys32[kept], self.rows.values[kept], max(64, 2 * len(kept)))
-        return LayerMemory(torch.addmm(self.P, k, pu.T, alpha=-1), self._shares_without(k, pu)[kept], rows,
-                           tuple(self.owners[i] for i in kept))
+        return LayerMemory(p, self._shares_without(k, pu)[kept], rows, tuple(self.owners[i] for i in kept))
+
+    def _woodbury(self, u: torch.Tensor, sign: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P', K, P Uₖᵀ) for A' = A + sign · UₖᵀUₖ: M = Uₖ P Uₖᵀ + sign · I, K = P Uₖᵀ M⁻¹, P' = P − K Uₖ P."""
+        pu = self.P @ u.T  # (n, k)
+        m = u @ pu + sign * torch.eye(u.shape[0], dtype=u.dtype, device=u.device)  # (k, k), symmetric
+        k = torch.linalg.solve(m, pu.T).T  # (n, k) = P Uₖᵀ M⁻¹
+        # addmm: one pass over the (n, n) matrix, ~15x faster on CPU than P - K @ PUᵀ
+        return torch.addmm(self.P, k, pu.T, alpha=-1), k, pu
 
     def _shares_without(self, k: torch.Tensor, pu: torch.Tensor) -> torch.Tensor:
         """This memory's rows' shares after P' = P − K (P Uₖᵀ)ᵀ: c_j − (u_j K)·(u_j P Uₖᵀ), one pass over U."""
