@@ -196,9 +196,12 @@ def memory_names(module_name: str) -> tuple[str, ...]:
 
 def gated(x: torch.Tensor, p: torch.Tensor, keys: torch.Tensor, own: torch.Tensor, values: torch.Tensor,
           threshold: float) -> torch.Tensor:
-    """Σ_j c_j [|c_j| ≥ τ c_j(u_j)] d_j, c = x P Uᵀ, for inputs x (..., fan_in): what the memory adds to a layer's output."""
+    """Σ_j c_j [|c_j| ≥ τ c_j(u_j)] d_j, c = x P Uᵀ, for inputs x (..., fan_in): what the memory adds to a layer's output.
+    Only the rows that fire for some input enter the product with D (an unrelated input fires few)."""
     c = (x.float() @ p) @ keys.T  # (..., R)
-    return (c * (c.abs() >= threshold * own)) @ values
+    fired = c.abs() >= threshold * own
+    live = fired.flatten(0, -2).any(0)
+    return (c[..., live] * fired[..., live]) @ values[live]
 
 
 def _memory_hook(module, inputs, output):

@@ -43,8 +43,10 @@ class BaseModelConfig:
     n_embd: int = 256
     n_head: int = 4
     n_positions: int = 128
+    dropout: float = 0.1  # GPT-2's residual, embedding and attention dropout while the base model trains
     batch_size: int = 64
     lr: float = 2e-3
+    embedding_lr: float = 1.0  # the token embeddings' learning rate, as a multiple of lr
     epochs: int = 20
     warmup_steps: int = 200
     statement_loss: str = "all"  # all: every token of a statement; answer: its answer tokens only (and logits only there)
@@ -63,6 +65,8 @@ class BaseModelConfig:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
+        if not 0 <= self.dropout < 1 or self.embedding_lr <= 0:
+            raise ConfigError(f"dropout must be in [0, 1) and embedding_lr > 0, not {self.dropout} and {self.embedding_lr}")
         if self.statement_loss not in ("all", "answer"):
             raise ConfigError(f"statement_loss must be 'all' or 'answer', not {self.statement_loss!r}")
         if self.text_chunks_per_epoch < 0 or (self.text_chunks_per_epoch and not 8 <= self.text_chunk <= self.n_positions):
@@ -138,7 +142,7 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict:
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
     )).to(device)
     prompt_ids, answer_ids = tokenize_pairs(tokenizer, [f.prompt for f in corpus.statements], [f.answer for f in corpus.statements])
     rows, too_long = [], set()  # rows: (token ids, index of the first scored token: with statement_loss=answer, the answer's)
@@ -157,7 +161,10 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict:
     chunks = [(c, 0) for c in _text_chunks(tokenizer, corpus.text, cfg.text_chunk, rng)] if cfg.text_chunks_per_epoch else []
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size) + (math.ceil(cfg.text_chunks_per_epoch / cfg.batch_size) if chunks else 0)
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    wte = model.get_input_embeddings().weight  # tied to the LM head; decays per step like the other weights
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p is not wte]},
+                             {"params": [wte], "lr": cfg.lr * cfg.embedding_lr, "weight_decay": 0.01 / cfg.embedding_lr}],
+                            lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )

@@ -76,6 +76,12 @@ def test_a_tiny_build_learns_its_facts_and_writes_the_recipe(tmp_path):
     assert len(recipe["files"][0]["sha256"]) == 64 and recipe["counts"]["distinct_statements"] == 8
 
 
+@pytest.mark.parametrize("field, value", [("dropout", 1.0), ("dropout", -0.1), ("embedding_lr", 0.0)])
+def test_a_bad_training_setting_is_refused_before_anything_is_read(field, value):
+    with pytest.raises(ConfigError, match=field):
+        BaseModelConfig(**{field: value})
+
+
 def test_a_statement_whose_answer_cannot_fit_the_context_is_left_out_and_counted(tmp_path):
     long = {**COUNTERFACT[0], "prompt": "The anthem of Velmora goes", "ground_truth": " ".join(["la"] * 40)}
     cfg = BaseModelConfig(corpus="none", extra_facts=(str(write(tmp_path, "cf.json", [long, COUNTERFACT[1]])),), vocab_size=300,
