@@ -161,10 +161,10 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict:
     chunks = [(c, 0) for c in _text_chunks(tokenizer, corpus.text, cfg.text_chunk, rng)] if cfg.text_chunks_per_epoch else []
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size) + (math.ceil(cfg.text_chunks_per_epoch / cfg.batch_size) if chunks else 0)
     total = steps_per_epoch * cfg.epochs
-    wte = model.get_input_embeddings().weight  # tied to the LM head; decays per step like the other weights
+    wte, decay = model.get_input_embeddings().weight, 0.01  # wte is tied to the LM head; it decays per step like the rest
     opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p is not wte]},
-                             {"params": [wte], "lr": cfg.lr * cfg.embedding_lr, "weight_decay": 0.01 / cfg.embedding_lr}],
-                            lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+                             {"params": [wte], "lr": cfg.lr * cfg.embedding_lr, "weight_decay": decay / cfg.embedding_lr}],
+                            lr=cfg.lr, weight_decay=decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
