@@ -6,6 +6,7 @@ carry labels, so every loss and metric scores exactly the answer.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -76,11 +77,22 @@ def encode_ids(tokenizer, prompt_ids: list[list[int]], target_ids: list[list[int
     return TargetBatch(input_ids, mask, labels)
 
 
-def logits(model, batch: TargetBatch, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """(B, T-1, V) next-token logits; `weights` overrides named parameters without touching the model."""
+def logits(model, batch: TargetBatch, weights: dict[str, torch.Tensor] | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T-1, V) next-token logits; `weights` overrides named parameters without touching the model.
+    With `at`, a (B, T-1) bool mask (e.g. `batch.target_mask`), only those positions' logits, (n, V) in
+    row-major order: the LM head, most of a small model's compute, then runs only there."""
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    keep_only = at is not None and _takes_logits_to_keep(model)
+    if keep_only:  # transformers' slicing before the LM head; positions in input coordinates
+        kwargs["logits_to_keep"] = torch.cat([at, at.new_zeros(at.shape[0], 1)], 1)
     out = functional_call(model, weights, args=(), kwargs=kwargs) if weights else model(**kwargs)
-    return out.logits[:, :-1].float()
+    if keep_only:
+        return out.logits.float()
+    return out.logits[:, :-1].float() if at is None else out.logits[:, :-1][at].float()
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def target_nll(logits_: torch.Tensor, batch: TargetBatch) -> torch.Tensor:

@@ -52,15 +52,20 @@ class LocalityReference:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def score_ids(model, tokenizer, prompt_ids, target_ids, weights: Weights = None, batch_size: int = 64):
-    """Teacher-forced top-1 tokens for each pair: (list of (T_i,) tensors of predictions)."""
+    """Teacher-forced top-1 tokens for each pair: (list of (T_i,) tensors of predictions). Pairs are
+    batched by length (little padding) and the LM head runs at target positions only."""
     device = next(model.parameters()).device
-    preds = []
-    for i in range(0, len(prompt_ids), batch_size):
-        batch = encode_ids(tokenizer, prompt_ids[i : i + batch_size], target_ids[i : i + batch_size]).to(device)
-        top1 = logits(model, batch, weights).argmax(-1)  # (B, T-1)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(target_ids[i]))
+    preds = [None] * len(order)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        batch = encode_ids(tokenizer, [prompt_ids[i] for i in idx], [target_ids[i] for i in idx]).to(device)
         mask = batch.target_mask
-        preds.extend(top1[j][mask[j]].cpu() for j in range(top1.shape[0]))
+        top1 = logits(model, batch, weights, at=mask).argmax(-1).cpu()  # (targets in the batch,)
+        for i, part in zip(idx, top1.split(mask.sum(1).tolist())):
+            preds[i] = part
     return preds
 
 

@@ -53,6 +53,7 @@ class TrainConfig:
     preserved_facts: int = 2000  # unedited true facts whose keys make each layer's C₀
     c_edit: float = 1.0
     c_loc: float = 3.0
+    c_rephrase: float = 1.0  # weight of the paraphrases' NLL in the edit term, relative to the edit prompt's
     grad_clip: float = 100.0
     cosine_decay: bool = True  # both learning rates follow a cosine from 1x to 0.1x over `steps`
     val_every: int = 500
@@ -65,8 +66,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError("steps must be >= 1 and batch_sizes a non-empty list of sizes >= 1")
-        if self.c_edit <= 0 or self.c_loc < 0:
-            raise ConfigError("c_edit must be > 0 and c_loc >= 0")
+        if self.c_edit <= 0 or self.c_loc < 0 or self.c_rephrase < 0:
+            raise ConfigError(f"c_edit must be > 0, c_loc and c_rephrase >= 0 (got {self.c_edit}, {self.c_loc}, {self.c_rephrase})")
 
 
 def _locality_facts(pool: list[Fact], records: list[EditRecord], n: int, rng: random.Random) -> list[Fact]:
@@ -127,7 +128,8 @@ def meta_loss(model, editor, tokenizer, records: list[EditRecord], loc: list[Fac
     prompts = [r.prompt for r in run] + [p for r in run for p in r.rephrase_prompt]
     answers = [r.target_new for r in run] + [r.target_new for r in run for _ in r.rephrase_prompt]
     outer = encode(tokenizer, prompts, answers).to(device)
-    l_edit = target_nll(logits(model, outer, weights), outer).sum() / n_prompts
+    nll = target_nll(logits(model, outer, weights), outer)
+    l_edit = (nll[: len(run)].sum() + cfg.c_rephrase * nll[len(run) :].sum()) / n_prompts
     if not own:
         l_edit = l_edit * 0
     loc = shard.take(loc)

@@ -44,6 +44,23 @@ def test_token_accuracy_by_hand(gpt2):
     assert hits.mean().item() == 0.5 and not bool(hits.all())
 
 
+def test_logits_at_target_positions_are_the_full_logits_there_and_scores_keep_their_order(gpt2):
+    model, tok = gpt2
+    prompts = ["Alpha was born in the city of", "Beta", "The hometown of Gamma is"]
+    targets = ["Zorath Velin", "speaks", "x"]
+    batch = encode(tok, prompts, targets)
+    shifted = {k: v + 0.01 for k, v in model.named_parameters() if k.endswith("mlp.c_fc.weight")}  # an override too
+    for weights in (None, shifted):
+        full = logits(model, batch, weights)
+        assert torch.allclose(logits(model, batch, weights, at=batch.target_mask), full[batch.target_mask], atol=1e-5)
+    # batched by length inside score_ids, returned in the caller's order: the same as one pair at a time
+    from mend.metrics import score_ids
+
+    p_ids, t_ids = tokenize_pairs(tok, prompts, targets)
+    together = score_ids(model, tok, p_ids, t_ids, batch_size=2)
+    assert [x.tolist() for x in together] == [score_ids(model, tok, [p], [t])[0].tolist() for p, t in zip(p_ids, t_ids)]
+
+
 def test_unedited_model_has_perfect_locality_and_nan_for_missing_fields(gpt2):
     model, tok = gpt2
     records = [

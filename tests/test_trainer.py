@@ -7,6 +7,7 @@ import torch
 from mend.aggregation import attach_memory
 from mend.checkpoint import load_editor, read_meta
 from mend.editor import EditorConfig, MendEditor
+from mend.errors import ConfigError
 from mend.models import load_model
 from mend.targets import resolve_targets
 from mend.trainer import TrainConfig, _locality_facts, meta_loss, train_editor
@@ -63,3 +64,19 @@ def test_the_gated_meta_loss_is_the_plain_one_without_gate_and_trains_the_editor
     loss.backward()
     grads = [p.grad for p in editor.nets.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_c_rephrase_weights_the_paraphrases_in_the_edit_term(trained_gpt2_dir, world):
+    model, tok = load_model(trained_gpt2_dir, device="cpu")
+    targets = resolve_targets(model, n_last_blocks=2)
+    train = world.edit_split("train")
+    records, loc = [r for r in train.records if r.rephrase_prompt][:3], train.locality_pool[:8]
+    editor = MendEditor(targets, EditorConfig(rank=32, step_init=1e-2)).train()
+    meta_loss(model, editor, tok, records, loc, TrainConfig())  # normalisation statistics
+    editor.eval()
+    with torch.no_grad():
+        edit = {c: meta_loss(model, editor, tok, records, loc, TrainConfig(c_rephrase=c))[1]["edit"] for c in (0.0, 1.0, 3.0)}
+    paraphrases = edit[1.0] - edit[0.0]  # the edit prompts' part is the same in all three
+    assert paraphrases > 0 and edit[3.0] == pytest.approx(edit[0.0] + 3 * paraphrases, rel=1e-5)
+    with pytest.raises(ConfigError, match="c_rephrase"):
+        TrainConfig(c_rephrase=-1.0)
