@@ -164,7 +164,7 @@ def build_base_model(cfg: BaseModelConfig, out_dir: str | Path) -> dict:
     wte, decay = model.get_input_embeddings().weight, 0.01  # wte is tied to the LM head; it decays per step like the rest
     opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p is not wte]},
                              {"params": [wte], "lr": cfg.lr * cfg.embedding_lr, "weight_decay": decay / cfg.embedding_lr}],
-                            lr=cfg.lr, weight_decay=decay, betas=(0.9, 0.98), fused=device.type in ("cpu", "cuda"))  # fused: ~8% faster steps here
+                            lr=cfg.lr, weight_decay=decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
