@@ -52,7 +52,6 @@ class LocalityReference:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def score_ids(model, tokenizer, prompt_ids, target_ids, weights: Weights = None, batch_size: int = 64):
     """Teacher-forced top-1 tokens for each pair: (list of (T_i,) tensors of predictions). Pairs are
     batched by length (little padding) and the LM head runs at target positions only."""
