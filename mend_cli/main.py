@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mend.resources import SHIPPED
+from mend.resources import CONFIGS, SHIPPED
 from mend_cli.config import as_config, load_config
 
 log = logging.getLogger("mend")
@@ -64,11 +64,22 @@ def _dataset_path(cfg):
     return cfg.dataset.path or (cfg.paths.world if cfg.dataset.name == "synthetic" else None)
 
 
-def _split(cfg, split: str):
+def _split(cfg, split: str, dataset: str | None = None):
+    """`dataset`'s split (default: the configured dataset); another dataset reads its default file."""
     from mend.data.loaders import load_split
 
-    return load_split(cfg.dataset.name, split, _dataset_path(cfg), val_size=cfg.dataset.val_size, seed=cfg.seed,
-                      shared_data=_shared_data(cfg))
+    mine = dataset in (None, cfg.dataset.name)
+    data = cfg.dataset if mine else OmegaConf.load(CONFIGS / "dataset" / f"{dataset}.yaml")
+    return load_split(data.name, split, _dataset_path(cfg) if mine else None, val_size=data.val_size, seed=cfg.seed,
+                      shared_data=_shared_data(cfg), test_size=data.test_size)
+
+
+def _meta_train_split(cfg):
+    """The train splits of `train_datasets` (null: the configured dataset's alone) joined."""
+    from mend.records import EditSplit
+
+    parts = [_split(cfg, "train", name) for name in (cfg.train_datasets or [cfg.dataset.name])]
+    return EditSplit([r for p in parts for r in p.records], [f for p in parts for f in p.locality_pool])
 
 
 def train_editor_cmd(cfg: DictConfig) -> None:
@@ -85,14 +96,16 @@ def train_editor_cmd(cfg: DictConfig) -> None:
         targets = resolve_targets(model, cfg.targets.patterns, cfg.targets.n_last_blocks)
         if cfg.train.fsdp:
             distributed.shard_model(model, targets, shard)
-        train, val = _split(cfg, "train"), _split(cfg, "val")
+        train, val = _meta_train_split(cfg), _split(cfg, "val")
         if shard.main:
-            print(f"meta-training an editor for {[t.name for t in targets]} on {len(train.records)} {cfg.dataset.name} edits"
+            print(f"meta-training an editor for {[t.name for t in targets]} on {len(train.records)} "
+                  f"{'+'.join(cfg.train_datasets or [cfg.dataset.name])} edits"
                   + (f" on {shard.world} processes" if shard.world > 1 else "") + (" (base model sharded: FSDP)" if cfg.train.fsdp else ""))
         report = train_editor(
             model, tok, targets, train, val, cfg.paths.editor,
             as_config(EditorConfig, cfg.editor), as_config(TrainConfig, cfg.train, seed=cfg.seed),
-            provenance={"base_model": str(cfg.paths.base_model), "dataset": cfg.dataset.name}, shard=shard,
+            provenance={"base_model": str(cfg.paths.base_model), "dataset": "+".join(cfg.train_datasets or [cfg.dataset.name])},
+            shard=shard,
         )
     finally:
         distributed.stop()

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from mend_cli.main import main
+from mend.data.loaders import SHARED_DATA
+from mend_cli.config import load_config
+from mend_cli.main import _meta_train_split, _split, main
 
 
 @pytest.mark.slow
@@ -50,3 +52,14 @@ def test_build_train_eval_bench_on_a_tiny_model(tmp_path, world_path, capsys):
 def test_unknown_config_key_is_refused():
     with pytest.raises(SystemExit, match="unknown key"):
         main(["build-base", "+base_model.n_layers=2"])
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (CounterFact, zsRE) is not beside the project")
+def test_the_facts_editor_meta_trains_on_both_datasets_and_never_on_zsre_test_records():
+    joined = _meta_train_split(load_config(["profile=facts"]))
+    counterfact = _split(load_config(["profile=facts"]), "train").records
+    zsre = load_config(["profile=facts", "dataset=zsre"])
+    assert len(joined.records) == len(counterfact) + len(_split(zsre, "train").records)
+    trained = {r.prompt for r in joined.records}
+    assert not trained & {r.prompt for r in _split(zsre, "test").records}
+    assert len(_split(zsre, "test").records) == zsre.dataset.test_size

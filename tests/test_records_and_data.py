@@ -67,3 +67,15 @@ def test_fact_keys_name_the_fact_an_edit_changes():
     assert ("prompt", "Ann was born in") in a.fact_keys() and ("fact", "Ann", "P19") in a.fact_keys()
     assert EditRecord(prompt="Ann was born in", target_new="y").fact_keys() == (("prompt", "Ann was born in"),)
     assert EditRecord.from_dict({"prompt": "p", "target_new": "t", "subject": "s", "relation": "r"}).relation == "r"
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (zsRE) is not beside the project")
+def test_zsre_test_records_are_held_out_of_train_and_val_and_a_file_of_your_own_is_tested_whole(tmp_path):
+    whole = load_split("zsre", "test").records
+    splits = {s: load_split("zsre", s, val_size=100, test_size=200) for s in ("train", "val", "test")}
+    ids = {s: {r.case_id for r in split.records} for s, split in splits.items()}
+    assert (len(ids["test"]), len(ids["val"]), len(ids["train"])) == (200, 100, len(whole) - 300)
+    assert not (ids["test"] & ids["train"]) and not (ids["test"] & ids["val"]) and not (ids["train"] & ids["val"])
+    own = tmp_path / "my_zsre.json"
+    own.write_text((SHARED_DATA / "zsre" / "zsre_mend_train_1k.json").read_text())
+    assert len(load_split("zsre", "test", str(own), val_size=100, test_size=200).records) == len(whole)

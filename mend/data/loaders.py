@@ -84,23 +84,26 @@ def dataset_path(dataset: str, split: str, path: str | None = None, shared_data:
 
 
 def load_split(dataset: str, split: str, path: str | None = None, val_size: int = 200, seed: int = 0,
-               shared_data: str | Path = SHARED_DATA) -> EditSplit:
+               shared_data: str | Path = SHARED_DATA, test_size: int = 0) -> EditSplit:
     """`split` is train, val or test, or several joined by "+" (test+val: both, in that order). For the
     synthetic world these are disjoint entity sets. For a file dataset, `train`/`val` are a seeded
-    split of the file (val: `val_size` records) and `test` is the whole file (CounterFact's test
-    file is counterfact-val)."""
+    split of the file (val: `val_size` records) and `test` is the whole test file (CounterFact's is
+    counterfact-val). Where the test file is the train file (the shared zsRE file), `test_size` > 0
+    holds that many seeded records out as `test`, and neither train nor val contains them; a file of
+    your own (`path`) is tested whole."""
     if "+" in split:
-        parts = [load_split(dataset, part, path, val_size, seed, shared_data) for part in split.split("+")]
+        parts = [load_split(dataset, part, path, val_size, seed, shared_data, test_size) for part in split.split("+")]
         return EditSplit([r for p in parts for r in p.records], [f for p in parts for f in p.locality_pool])
-    path = dataset_path(dataset, split, path, shared_data)
+    file = dataset_path(dataset, split, path, shared_data)
     if dataset == "synthetic":
-        return World.load(path).edit_split(split)
-    records = {"counterfact": load_counterfact, "zsre": load_zsre}[dataset](path)
-    if split != "test":
+        return World.load(file).edit_split(split)
+    records = {"counterfact": load_counterfact, "zsre": load_zsre}[dataset](file)
+    held = test_size if not path and file == dataset_path(dataset, "train", None, shared_data) else 0
+    if split != "test" or held:
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)
-        cut = set(order[:val_size])
-        records = [r for i, r in enumerate(records) if (i in cut) == (split == "val")]
+        wanted = {"test": order[:held], "val": order[held:held + val_size], "train": order[held + val_size:]}[split]
+        records = [records[i] for i in sorted(wanted)]
     return EditSplit(records=records, locality_pool=_pool(records))
 
 
