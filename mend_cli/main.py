@@ -69,16 +69,23 @@ def _split(cfg, split: str, dataset: str | None = None):
     from mend.data.loaders import load_split
 
     mine = dataset in (None, cfg.dataset.name)
+    known = sorted(f.stem for f in (CONFIGS / "dataset").glob("*.yaml"))
+    if not mine and dataset not in known:
+        raise SystemExit(f"config error: train_datasets names {dataset!r}; known datasets: {known}")
     data = cfg.dataset if mine else OmegaConf.load(CONFIGS / "dataset" / f"{dataset}.yaml")
     return load_split(data.name, split, _dataset_path(cfg) if mine else None, val_size=data.val_size, seed=cfg.seed,
                       shared_data=_shared_data(cfg), test_size=data.test_size)
+
+
+def _meta_train_names(cfg) -> list[str]:
+    return list(cfg.train_datasets or [cfg.dataset.name])
 
 
 def _meta_train_split(cfg):
     """The train splits of `train_datasets` (null: the configured dataset's alone) joined."""
     from mend.records import EditSplit
 
-    parts = [_split(cfg, "train", name) for name in (cfg.train_datasets or [cfg.dataset.name])]
+    parts = [_split(cfg, "train", name) for name in _meta_train_names(cfg)]
     return EditSplit([r for p in parts for r in p.records], [f for p in parts for f in p.locality_pool])
 
 
@@ -99,12 +106,12 @@ def train_editor_cmd(cfg: DictConfig) -> None:
         train, val = _meta_train_split(cfg), _split(cfg, "val")
         if shard.main:
             print(f"meta-training an editor for {[t.name for t in targets]} on {len(train.records)} "
-                  f"{'+'.join(cfg.train_datasets or [cfg.dataset.name])} edits"
+                  f"{'+'.join(_meta_train_names(cfg))} edits"
                   + (f" on {shard.world} processes" if shard.world > 1 else "") + (" (base model sharded: FSDP)" if cfg.train.fsdp else ""))
         report = train_editor(
             model, tok, targets, train, val, cfg.paths.editor,
             as_config(EditorConfig, cfg.editor), as_config(TrainConfig, cfg.train, seed=cfg.seed),
-            provenance={"base_model": str(cfg.paths.base_model), "dataset": "+".join(cfg.train_datasets or [cfg.dataset.name])},
+            provenance={"base_model": str(cfg.paths.base_model), "dataset": "+".join(_meta_train_names(cfg))},
             shard=shard,
         )
     finally:

@@ -63,3 +63,5 @@ def test_the_facts_editor_meta_trains_on_both_datasets_and_never_on_zsre_test_re
     trained = {r.prompt for r in joined.records}
     assert not trained & {r.prompt for r in _split(zsre, "test").records}
     assert len(_split(zsre, "test").records) == zsre.dataset.test_size
+    with pytest.raises(SystemExit, match="train_datasets names 'zsrE'"):
+        _meta_train_split(load_config(["profile=facts", "train_datasets=[counterfact,zsrE]"]))
