@@ -93,3 +93,8 @@ class EditSplit:
 
     records: list[EditRecord]
     locality_pool: list[Fact] = field(default_factory=list)
+
+    @classmethod
+    def joined(cls, parts: list["EditSplit"]) -> "EditSplit":
+        """The parts' records and pools, in order."""
+        return cls([r for p in parts for r in p.records], [f for p in parts for f in p.locality_pool])

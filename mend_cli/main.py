@@ -69,8 +69,8 @@ def _split(cfg, split: str, dataset: str | None = None):
     from mend.data.loaders import load_split
 
     mine = dataset in (None, cfg.dataset.name)
-    known = sorted(f.stem for f in (CONFIGS / "dataset").glob("*.yaml"))
-    if not mine and dataset not in known:
+    if not mine and not (CONFIGS / "dataset" / f"{dataset}.yaml").is_file():
+        known = sorted(f.stem for f in (CONFIGS / "dataset").glob("*.yaml"))
         raise SystemExit(f"config error: train_datasets names {dataset!r}; known datasets: {known}")
     data = cfg.dataset if mine else OmegaConf.load(CONFIGS / "dataset" / f"{dataset}.yaml")
     return load_split(data.name, split, _dataset_path(cfg) if mine else None, val_size=data.val_size, seed=cfg.seed,
@@ -85,8 +85,7 @@ def _meta_train_split(cfg):
     """The train splits of `train_datasets` (null: the configured dataset's alone) joined."""
     from mend.records import EditSplit
 
-    parts = [_split(cfg, "train", name) for name in _meta_train_names(cfg)]
-    return EditSplit([r for p in parts for r in p.records], [f for p in parts for f in p.locality_pool])
+    return EditSplit.joined([_split(cfg, "train", name) for name in _meta_train_names(cfg)])
 
 
 def train_editor_cmd(cfg: DictConfig) -> None:

@@ -93,7 +93,7 @@ def load_split(dataset: str, split: str, path: str | None = None, val_size: int 
     your own (`path`) is tested whole."""
     if "+" in split:
         parts = [load_split(dataset, part, path, val_size, seed, shared_data, test_size) for part in split.split("+")]
-        return EditSplit([r for p in parts for r in p.records], [f for p in parts for f in p.locality_pool])
+        return EditSplit.joined(parts)
     file = dataset_path(dataset, split, path, shared_data)
     if dataset == "synthetic":
         return World.load(file).edit_split(split)
