@@ -6,6 +6,7 @@ on a different record, after one warm-up run.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -44,17 +45,24 @@ def run_benchmark(model, tokenizer, methods: list[EditMethod], records: list[Edi
     return result
 
 
-def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRecord], chunk: int = 100) -> dict:
-    """The served edit with 0 and with len(active) active edits: `bare_edit_s` (keys and values on the
-    base weights, the change of every layer's memory and its new buffers, as ApplyEdit makes them) and
-    `apply_edit_s` (a whole ApplyEdit: metrics, journal and write; each is rolled back untimed),
-    `apply_edit_no_metrics_s` (the same without metrics, as for bulk loads);
-    `apply_chunk_s` (ApplyEdits of `chunk` edits), `replay_s` (reopening the journal of len(active)
-    edits). `open_service()` opens the service on one scratch journal; `timed` and `active` are
-    distinct facts."""
-    service = open_service()
+def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRecord], chunk: int = 100,
+                      forward_backward=None) -> dict:
+    """The served edit with 0 and with len(active) active edits. Two services run side by side, one
+    empty and one holding `active` (loaded by ApplyEdits of `chunk`: `apply_chunk_s`), and every
+    measurement alternates between them record by record, so that both see the same machine speed
+    (on shared CPUs it drifts by tens of percent over minutes). Per label "0" and str(len(active)):
+    `bare_edit_s` (keys and values on the base weights, the change of every layer's memory and its
+    new buffers, as ApplyEdit makes them), `apply_edit_s` (a whole ApplyEdit: metrics, journal and
+    write; each is rolled back untimed), `apply_edit_no_metrics_s` (the same without metrics, as for
+    bulk loads). With `forward_backward(record) -> seconds` (on the base model), one is timed right
+    before each bare edit: `forward_backward_s` and `bare_over_forward_backward`, the median of the
+    per-edit ratios. `apply_ratio`: the median over records of ApplyEdit with len(active) / with 0.
+    `replay_s`: reopening the journal of len(active) edits. `open_service(name)` opens the service on
+    the scratch journal `name` ("empty" or "loaded"); `timed` and `active` are distinct facts."""
+    n = str(len(active))
+    empty, loaded = open_service("empty"), open_service("loaded")
 
-    def bare(r: EditRecord) -> float:
+    def bare(service, r: EditRecord) -> float:
         """Seconds of one edit's keys, values and change of the memory, as ApplyEdit makes it (then
         written and taken back, untimed: the next edit is again proposed on the committed state)."""
         state, seq = service.state, service.journal.next_seq()
@@ -68,32 +76,44 @@ def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRe
             state.commit(state.propose([seq], {}))
         return elapsed
 
-    def applied(r: EditRecord, metrics: bool) -> None:
+    def applied(service, r: EditRecord, metrics: bool) -> float:
         start = time.perf_counter()
         (edit,) = service.apply([r], metrics=metrics).edits
-        seconds.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
         service.rollback_edit(edit.edit_id)
+        return elapsed
 
     result = {}
     try:
+        start = time.perf_counter()
+        for i in range(0, len(active), chunk):
+            loaded.apply(active[i : i + chunk])
+        result["apply_chunk_s"] = (time.perf_counter() - start) / -(-len(active) // chunk)
         for r in timed[:2]:  # warm-up
-            bare(r)
-        for label in ("0", str(len(active))):
-            if label != "0":
-                start = time.perf_counter()
-                for i in range(0, len(active), chunk):
-                    service.apply(active[i : i + chunk])
-                result["apply_chunk_s"] = (time.perf_counter() - start) / -(-len(active) // chunk)
-            result[f"bare_edit_s@{label}"] = statistics.median(bare(r) for r in timed)
-            for metrics, key in ((True, "apply_edit_s"), (False, "apply_edit_no_metrics_s")):
-                seconds: list[float] = []
-                for r in timed:
-                    applied(r, metrics)
-                result[f"{key}@{label}"] = statistics.median(seconds)
+            for service in (empty, loaded):
+                bare(service, r)
+                applied(service, r, True)
+        for label, service in (("0", empty), (n, loaded)):
+            result[f"beside@{label}"] = []
+        for r in timed:
+            for label, service in (("0", empty), (n, loaded)):
+                result[f"beside@{label}"].append((forward_backward(r) if forward_backward else math.nan, bare(service, r)))
+        for label in ("0", n):
+            beside = result.pop(f"beside@{label}")
+            result[f"bare_edit_s@{label}"] = statistics.median(e for _, e in beside)
+            result[f"forward_backward_s@{label}"] = statistics.median(f for f, _ in beside)
+            result[f"bare_over_forward_backward@{label}"] = statistics.median(e / f for f, e in beside)
+        for metrics, key in ((True, "apply_edit_s"), (False, "apply_edit_no_metrics_s")):
+            pairs = [(applied(empty, r, metrics), applied(loaded, r, metrics)) for r in timed]
+            result[f"{key}@0"] = statistics.median(a for a, _ in pairs)
+            result[f"{key}@{n}"] = statistics.median(b for _, b in pairs)
+            if metrics:
+                result["apply_ratio"] = statistics.median(b / a for a, b in pairs)
     finally:
-        service.close()
+        empty.close()
+        loaded.close()
     start = time.perf_counter()
-    reopened = open_service()
+    reopened = open_service("loaded")
     result["replay_s"] = time.perf_counter() - start
     result["replayed_active"] = reopened.n_active
     reopened.close()

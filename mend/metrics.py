@@ -53,19 +53,21 @@ class LocalityReference:
 
 @torch.no_grad()
 def score_ids(model, tokenizer, prompt_ids, target_ids, weights: Weights = None, batch_size: int = 64):
-    """Teacher-forced top-1 tokens for each pair: (list of (T_i,) tensors of predictions). Pairs are
-    batched by length (little padding) and the LM head runs at target positions only."""
+    """Teacher-forced top-1 tokens for each pair: (list of (T_i,) tensors of predictions). A pair that
+    occurs several times is run once; pairs are batched by length (little padding) and the LM head runs
+    at target positions only."""
     device = next(model.parameters()).device
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(target_ids[i]))
-    preds = [None] * len(order)
+    pairs = [(tuple(p), tuple(t)) for p, t in zip(prompt_ids, target_ids)]
+    unique = list(dict.fromkeys(pairs))
+    order = sorted(unique, key=lambda pair: len(pair[0]) + len(pair[1]))
+    preds = {}
     for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        batch = encode_ids(tokenizer, [prompt_ids[i] for i in idx], [target_ids[i] for i in idx]).to(device)
+        chunk = order[b : b + batch_size]
+        batch = encode_ids(tokenizer, [list(p) for p, _ in chunk], [list(t) for _, t in chunk]).to(device)
         mask = batch.target_mask
         top1 = logits(model, batch, weights, at=mask).argmax(-1).cpu()  # (targets in the batch,)
-        for i, part in zip(idx, top1.split(mask.sum(1).tolist())):
-            preds[i] = part
-    return preds
+        preds.update(zip(chunk, top1.split(mask.sum(1).tolist())))
+    return [preds[pair] for pair in pairs]
 
 
 def target_scores(model, tokenizer, prompts: list[str], targets: list[str], weights: Weights = None):

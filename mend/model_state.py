@@ -144,7 +144,7 @@ class EditableModel:
                 if new:
                     mem = mem.added(*self._rows(new, name, device))
                 memories[name] = mem
-            if not all_finite({"P": memories[name].P, "shares": memories[name].own}):
+            if not all_finite({"P": memories[name].p32, "shares": memories[name].own}):  # float32: also catches overflow there
                 raise UnstableEditError(f"the combined update of {name} is not finite; nothing was changed")
         return Change(active, memories)
 

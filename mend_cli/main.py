@@ -251,7 +251,7 @@ def evaluate(cfg: DictConfig) -> None:
 def bench(cfg: DictConfig) -> None:
     import tempfile
 
-    from mend.benchmark import run_benchmark, service_benchmark
+    from mend.benchmark import forward_backward_seconds, run_benchmark, service_benchmark
     from mend_cli.serve import open_service
 
     model, tok = _model(cfg)
@@ -268,16 +268,19 @@ def bench(cfg: DictConfig) -> None:
     if len(records) < n + cfg.bench.repeats:
         raise SystemExit(f"config error: bench.split={cfg.bench.split} has {len(records)} edits; "
                          f"bench.active_edits + bench.repeats = {n + cfg.bench.repeats}")
-    with tempfile.TemporaryDirectory(prefix="mend-bench-") as journal:
-        scratch = OmegaConf.merge(cfg, {"paths": {"journal": journal}})
-        served = service_benchmark(lambda: open_service(scratch), records[n : n + cfg.bench.repeats], records[:n])
-    print(f"the served edit (median of {cfg.bench.repeats}), with 0 and with {n} active edits:")
+    with tempfile.TemporaryDirectory(prefix="mend-bench-") as scratch:
+        served = service_benchmark(
+            lambda name: open_service(OmegaConf.merge(cfg, {"paths": {"journal": str(Path(scratch) / name)}})),
+            records[n : n + cfg.bench.repeats], records[:n], forward_backward=lambda r: forward_backward_seconds(model, tok, r))
+    print(f"the served edit (median of {cfg.bench.repeats}), with 0 and with {n} active edits (two services, "
+          "timed alternately; each edit next to a forward+backward of the base model timed right before it):")
     for label in ("0", str(n)):
         bare, apply, bulk = (served[f"{k}@{label}"] for k in ("bare_edit_s", "apply_edit_s", "apply_edit_no_metrics_s"))
-        print(f"  {label:>5} active: edit itself {bare * 1000:7.2f} ms ({bare / fb:.2f}x forward+backward), "
+        print(f"  {label:>5} active: edit itself {bare * 1000:7.2f} ms ({served[f'bare_over_forward_backward@{label}']:.2f}x "
+              f"forward+backward, {served[f'forward_backward_s@{label}'] * 1000:.2f} ms), "
               f"ApplyEdit {apply * 1000:7.2f} ms ({apply / bare:.2f}x the edit), "
               f"without metrics {bulk * 1000:7.2f} ms ({bulk / bare:.2f}x)")
-    print(f"  ApplyEdit with {n} active / with 0: {served[f'apply_edit_s@{n}'] / served['apply_edit_s@0']:.2f}x; "
+    print(f"  ApplyEdit with {n} active / with 0: {served['apply_ratio']:.2f}x (median of the per-edit ratios); "
           f"ApplyEdits of 100: {served['apply_chunk_s']:.2f} s")
     print(f"  start-up replay of the journal ({served['replayed_active']} active edits): {served['replay_s']:.1f} s")
 
