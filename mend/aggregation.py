@@ -96,17 +96,22 @@ class _Rows:
     after its R (a sibling proposal copies instead). Appending k rows then costs O(k), not O(R)."""
 
     keys: torch.Tensor  # (capacity, n) float64
-    keys32: torch.Tensor  # (capacity, n) float32: what the layer reads
+    keys32t: torch.Tensor  # (n, capacity) float32, transposed: what the layer reads (`keys32`)
     values: torch.Tensor  # (capacity, m) float32
     used: int = 0
+
+    def keys32(self, r: int) -> torch.Tensor:
+        """Rows [0, r) in float32, (r, n): a view whose transpose Uᵀ is row-major, which makes the
+        layer's product (x P) Uᵀ ~20% faster on CPU than with U stored row by row."""
+        return self.keys32t[:, :r].T
 
     @classmethod
     def of(cls, keys: torch.Tensor, keys32: torch.Tensor, values: torch.Tensor, capacity: int) -> "_Rows":
         r, n, m = keys.shape[0], keys.shape[1], values.shape[1]
         # uninitialised: only rows [0, used) are ever read (zero-filling the capacity took as long as the copy)
-        out = cls(keys.new_empty(capacity, n, dtype=torch.float64), keys.new_empty(capacity, n, dtype=torch.float32),
+        out = cls(keys.new_empty(capacity, n, dtype=torch.float64), keys.new_empty(n, capacity, dtype=torch.float32),
                   values.new_empty(capacity, m, dtype=torch.float32), r)
-        out.keys[:r], out.keys32[:r], out.values[:r] = keys, keys32, values
+        out.keys[:r], out.keys32t[:, :r], out.values[:r] = keys, keys32.T, values
         return out
 
     def appended(self, r: int, keys: torch.Tensor, values: torch.Tensor) -> "_Rows":
@@ -114,8 +119,8 @@ class _Rows:
         k = keys.shape[0]
         rows = self
         if self.used != r or r + k > self.keys.shape[0]:
-            rows = _Rows.of(self.keys[:r], self.keys32[:r], self.values[:r], max(64, 2 * (r + k)))
-        rows.keys[r : r + k], rows.keys32[r : r + k], rows.values[r : r + k] = keys.double(), keys.float(), values.float()
+            rows = _Rows.of(self.keys[:r], self.keys32(r), self.values[:r], max(64, 2 * (r + k)))
+        rows.keys[r : r + k], rows.keys32t[:, r : r + k], rows.values[r : r + k] = keys.double(), keys.float().T, values.float()
         rows.used = r + k
         return rows
 
@@ -143,7 +148,7 @@ class LayerMemory:
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the layer holds (`gated`): P, U, c(u) and D in float32."""
         r = len(self.owners)
-        return self.p32, self.rows.keys32[:r], self.own.float(), self.rows.values[:r]
+        return self.p32, self.rows.keys32(r), self.own.float(), self.rows.values[:r]
 
     @classmethod
     def fresh(cls, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...] | None = None) -> "LayerMemory":
@@ -176,7 +181,7 @@ class LayerMemory:
         keys); the kept rows are copied to new storage."""
         kept = [i for i, o in enumerate(self.owners) if o not in gone]
         p, minv, pu = self._woodbury(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
-        rows = _Rows.of(self.rows.keys[kept], self.rows.keys32[kept], self.rows.values[kept], max(64, 2 * len(kept)))
+        rows = _Rows.of(self.rows.keys[kept], self.rows.keys32t[:, kept].T, self.rows.values[kept], max(64, 2 * len(kept)))
         return LayerMemory(p, self._shares_without(minv, pu)[kept], rows, tuple(self.owners[i] for i in kept))
 
     def _woodbury(self, u: torch.Tensor, sign: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,5 +285,7 @@ def load_memory(model: torch.nn.Module, path: str | Path) -> bool:
         _attach(module, tensors[f"{name}.mend_keys"].shape[1], tensors[f"{name}.mend_values"].shape[1])
         module.mend_gate = float(gate)
         for attr in MEMORY:
-            setattr(module, attr, tensors[f"{name}.{attr}"].to(module.weight.device))
+            tensor = tensors[f"{name}.{attr}"].to(module.weight.device)
+            # the keys in the served layout (`_Rows.keys32`): the same products, bit for bit, as before saving
+            setattr(module, attr, tensor.T.contiguous().T if attr == "mend_keys" else tensor)
     return True

@@ -445,6 +445,12 @@ class EditService:
         """For the edits that will be live (applied, not rolled back; `new` ones with their fact keys
         `new_facts`): the state changes (newest first, an edit is superseded by the newest live edit
         sharing a fact key with it) and the proposed weight change. Nothing is written."""
+        if new and live == self._states.keys() | new.keys() and min(new) > max(self._states, default=-1):
+            # the common ApplyEdit: only newer edits join; when they share no fact key with a live edit or
+            # with each other, every other state stays as it is (the loop below, without its O(live) cost)
+            keys = [k for s in new for k in new_facts[s]]
+            if len(set(keys)) == len(keys) and set(keys).isdisjoint(k for s in self._states for k in self._facts[s]):
+                return {s: EditState(True) for s in new}, self.state.propose([], dict(sorted(new.items())))
         facts = {**self._facts, **(new_facts or {})}
         resolved: dict[int, EditState] = {}
         owner: dict[tuple, int] = {}
