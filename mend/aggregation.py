@@ -25,7 +25,9 @@ A paraphrase receives ~0.9 of its edit's share, an unrelated input ~0.05. The th
 because rows crowd each other out: with a thousand edits a row's own share c_j(u_j) falls to a
 fraction of what it is alone. Per edit only its strong rows are kept (value norm ≥ `keep` x the
 edit's largest in that layer): the template words every prompt shares carry little of the change
-and would only make the rows of different edits compete. With τ = 0 and keep = 0 this is S exactly.
+and would only make the rows of different edits compete. With many edits a row's own share falls
+below its share with its edit alone; each row's value is scaled by (alone / own share)^γ (`crowding`,
+γ = `compensate`). With τ = 0, keep = 0 and γ = 0 this is S exactly.
 The layer holds P = (UᵀU + A₀)⁻¹, U, c(u) and D in buffers (`attach_memory`) and computes
 c(x) = (x P) Uᵀ itself: then adding an edit changes P and the shares c(u), never a (fan_in, R)
 matrix. The base weights are never written.
@@ -89,6 +91,39 @@ def own_shares(keys: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return ((u @ p) * u).sum(1)
 
 
+def alone_shares(keys: torch.Tensor, owners, a0inv: torch.Tensor) -> torch.Tensor:
+    """Each row's own share with only its own edit's rows active (R,) float64: diag(G M⁻¹) per edit,
+    G = Uₑ A₀⁻¹ Uₑᵀ, M = I + G. `owners`: each row's edit (an edit's rows are contiguous);
+    `a0inv`: A₀⁻¹, in float32 (a scale needs no more: one product over it, not two)."""
+    u = keys.detach().to(a0inv.dtype)
+    out, start = [], 0
+    for size in _run_lengths(owners):  # one product per edit: the same numbers whatever edits come with it
+        mine = u[start : start + size]
+        g = ((mine @ a0inv) @ mine.T).double()
+        out.append(torch.linalg.solve(torch.eye(size, dtype=g.dtype, device=g.device) + g, g).diagonal())
+        start += size
+    return torch.cat(out) if out else keys.new_zeros(0, dtype=torch.float64)
+
+
+def _run_lengths(owners) -> list[int]:
+    sizes: list[int] = []
+    for i, o in enumerate(owners):
+        if i and o == owners[i - 1]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return sizes
+
+
+def crowding(alone: torch.Tensor, own: torch.Tensor, compensate: float) -> torch.Tensor:
+    """Each row's scale (alone / own)^γ (R,): with many edits a row's own share falls below what it
+    is with its edit alone (rows crowd each other out) and the row writes less of its value at its
+    own key; γ = `compensate` gives part of that back (0: none, 1: all of it; 1 with a single edit)."""
+    if compensate == 0:
+        return torch.ones_like(own)
+    return (alone / own) ** compensate
+
+
 @dataclass
 class _Rows:
     """Append-only storage of one layer's rows, shared by successive `LayerMemory` versions: rows
@@ -133,6 +168,7 @@ class LayerMemory:
 
     P: torch.Tensor  # (fan_in, fan_in) float64
     own: torch.Tensor  # (R,) float64
+    alone: torch.Tensor  # (R,) float64: each row's own share with its edit alone (`alone_shares`)
     rows: _Rows
     owners: tuple[int, ...] = ()
 
@@ -145,15 +181,17 @@ class LayerMemory:
         """P in float32, as the layer reads it (made once per memory)."""
         return self.P.float()
 
-    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What the layer holds (`gated`): P, U, c(u) and D in float32."""
+    def buffers(self, compensate: float = 0.0) -> tuple[torch.Tensor, ...]:
+        """What the layer holds (`gated`): P, U, c(u), D and the rows' `crowding` scales, in float32."""
         r = len(self.owners)
-        return self.p32, self.rows.keys32(r), self.own.float(), self.rows.values[:r]
+        return self.p32, self.rows.keys32(r), self.own.float(), self.rows.values[:r], crowding(self.alone, self.own, compensate).float()
 
     @classmethod
-    def fresh(cls, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...] | None = None) -> "LayerMemory":
+    def fresh(cls, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...] | None = None,
+              alone: torch.Tensor | None = None) -> "LayerMemory":
         """From scratch: one Cholesky factorisation of A₀ + UᵀU (no rows: the base state, R = 0).
-        `owners`: each row's edit (default: all rows one edit, 0)."""
+        `owners`: each row's edit (default: all rows one edit, 0); `alone`: the rows' `alone_shares`
+        (default: their own shares, right when the rows are one edit)."""
         u = keys.double()
         owners = (0,) * u.shape[0] if owners is None else tuple(owners)
         if len(owners) != u.shape[0]:
@@ -161,9 +199,11 @@ class LayerMemory:
         chol = torch.linalg.cholesky(base + u.T @ u)
         # row-major P: cholesky_inverse returns it column-major, which makes every P @ Uᵀ ~15x slower
         p = torch.cholesky_inverse(chol).contiguous()
-        return cls(p, own_shares(u, p), _Rows.of(u, keys.float(), values.float(), max(64, 2 * u.shape[0])), owners)
+        own = own_shares(u, p)
+        return cls(p, own, own.clone() if alone is None else alone.double(),
+                   _Rows.of(u, keys.float(), values.float(), max(64, 2 * u.shape[0])), owners)
 
-    def added(self, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...]) -> "LayerMemory":
+    def added(self, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...], alone: torch.Tensor) -> "LayerMemory":
         """With k more rows, by one Woodbury step (A' = A + UₖᵀUₖ):
 
             M = I + Uₖ P Uₖᵀ,  K = P Uₖᵀ M⁻¹,  P' = P − K Uₖ P,  c_j' = c_j − t_j M⁻¹ t_jᵀ,  t_j = u_j P Uₖᵀ
@@ -173,7 +213,7 @@ class LayerMemory:
         u = keys.double()
         p, minv, pu = self._woodbury(u, +1)
         own = (minv @ (u @ pu)).diagonal()  # (G M⁻¹)ᵀ = M⁻¹ G: the same diagonal
-        return LayerMemory(p, torch.cat([self._shares_without(minv, pu), own]),
+        return LayerMemory(p, torch.cat([self._shares_without(minv, pu), own]), torch.cat([self.alone, alone.double()]),
                            self.rows.appended(len(self.owners), keys, values), self.owners + owners)
 
     def removed(self, gone: set[int]) -> "LayerMemory":
@@ -182,7 +222,7 @@ class LayerMemory:
         kept = [i for i, o in enumerate(self.owners) if o not in gone]
         p, minv, pu = self._woodbury(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
         rows = _Rows.of(self.rows.keys[kept], self.rows.keys32t[:, kept].T, self.rows.values[kept], max(64, 2 * len(kept)))
-        return LayerMemory(p, self._shares_without(minv, pu)[kept], rows, tuple(self.owners[i] for i in kept))
+        return LayerMemory(p, self._shares_without(minv, pu)[kept], self.alone[kept], rows, tuple(self.owners[i] for i in kept))
 
     def _woodbury(self, u: torch.Tensor, sign: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(P', M⁻¹, P Uₖᵀ) for A' = A + sign · UₖᵀUₖ: M = Uₖ P Uₖᵀ + sign · I, K = P Uₖᵀ M⁻¹, P' = P − K Uₖ P.
@@ -199,36 +239,38 @@ class LayerMemory:
         return self.own - ((t @ minv) * t).sum(1)
 
 
-MEMORY = ("mend_p", "mend_keys", "mend_own", "mend_values")  # buffer names on each edited layer
+MEMORY = ("mend_p", "mend_keys", "mend_own", "mend_values", "mend_scale")  # buffer names on each edited layer
 
 
 def memory_names(module_name: str) -> tuple[str, ...]:
     """The override names of a layer's memory for `functional_call`: P (fan_in, fan_in), keys U
-    (R, fan_in), own shares c(u) (R,) and values D (R, fan_out)."""
+    (R, fan_in), own shares c(u) (R,), values D (R, fan_out) and the rows' `crowding` scales (R,)."""
     return tuple(f"{module_name}.{attr}" for attr in MEMORY)
 
 
 def gated(x: torch.Tensor, p: torch.Tensor, keys: torch.Tensor, own: torch.Tensor, values: torch.Tensor,
-          threshold: float) -> torch.Tensor:
-    """Σ_j c_j [|c_j| ≥ τ c_j(u_j)] d_j, c = x P Uᵀ, for inputs x (..., fan_in): what the memory adds to a layer's output.
-    Only the rows that fire for some input enter the product with D (an unrelated input fires few)."""
+          threshold: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_j c_j [|c_j| ≥ τ c_j(u_j)] s_j d_j, c = x P Uᵀ, for inputs x (..., fan_in): what the memory adds to a
+    layer's output (s: the rows' `crowding` scales, default 1). Only the rows that fire for some input
+    enter the product with D (an unrelated input fires few)."""
     c = (x.float() @ p) @ keys.T  # (..., R)
     fired = c.abs() >= threshold * own
     live = fired.flatten(0, -2).any(0)
-    return (c[..., live] * fired[..., live]) @ values[live]
+    written = c[..., live] * fired[..., live]
+    return (written if scale is None else written * scale[live]) @ values[live]
 
 
 def _memory_hook(module, inputs, output):
     if module.mend_keys.shape[0] == 0:
         return output
     return output + gated(inputs[0], module.mend_p, module.mend_keys, module.mend_own, module.mend_values,
-                          module.mend_gate).to(output.dtype)
+                          module.mend_gate, module.mend_scale).to(output.dtype)
 
 
 def empty_memory(fan_in: int, fan_out: int, device=None) -> tuple[torch.Tensor, ...]:
     """The buffers of a memory without rows (the base model)."""
     return (torch.zeros(0, 0, device=device), torch.zeros(0, fan_in, device=device), torch.zeros(0, device=device),
-            torch.zeros(0, fan_out, device=device))
+            torch.zeros(0, fan_out, device=device), torch.zeros(0, device=device))
 
 
 def _attach(module: torch.nn.Module, fan_in: int, fan_out: int) -> None:
@@ -284,6 +326,8 @@ def load_memory(model: torch.nn.Module, path: str | Path) -> bool:
         module = modules[name]
         _attach(module, tensors[f"{name}.mend_keys"].shape[1], tensors[f"{name}.mend_values"].shape[1])
         module.mend_gate = float(gate)
+        if f"{name}.mend_scale" not in tensors:  # saved before the crowding scales: every row's is 1
+            tensors[f"{name}.mend_scale"] = torch.ones(tensors[f"{name}.mend_own"].shape[0])
         for attr in MEMORY:
             tensor = tensors[f"{name}.{attr}"].to(module.weight.device)
             # the keys in the served layout (`_Rows.keys32`): the same products, bit for bit, as before saving

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from mend.aggregation import KeyValues, inverse_system, memory_names, own_shares, select_rows, solve
+from mend.aggregation import KeyValues, alone_shares, crowding, inverse_system, memory_names, own_shares, select_rows, solve
 from mend.errors import ConfigError
 from mend.targets import EditTarget
 
@@ -39,17 +39,21 @@ class EditorConfig:
     norm_eps: float = 1e-5
     # the served combination (`mend.aggregation`), chosen on val edits of the default model: τ, the
     # share of its own change an edit row must give an input to write there; keep, the share of an
-    # edit's largest value norm a token row needs to be kept (0 and 0: the plain least-squares update)
+    # edit's largest value norm a token row needs to be kept (0, 0 and compensate 0: the plain least-squares update)
     gate: float = 0.5
     keep: float = 0.7
+    # γ: with many active edits each row writes (its share alone / its share now)^γ x its value at its own
+    # key, giving back part of what crowding by the other rows takes (`mend.aggregation.crowding`);
+    # chosen on train and val edits of the default model (1,000 train edits: reliability 0.888 -> 0.917)
+    compensate: float = 0.3
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.n_blocks < 1:
             raise ConfigError(f"editor rank ({self.rank}) and n_blocks ({self.n_blocks}) must be >= 1")
         if self.ridge_init <= 0 or self.preserve_init < 0:
             raise ConfigError(f"ridge_init ({self.ridge_init}) must be > 0 and preserve_init ({self.preserve_init}) >= 0")
-        if self.gate < 0 or not 0 <= self.keep <= 1:
-            raise ConfigError(f"gate ({self.gate}) must be >= 0 and keep ({self.keep}) in [0, 1]")
+        if self.gate < 0 or not 0 <= self.keep <= 1 or self.compensate < 0:
+            raise ConfigError(f"gate ({self.gate}) and compensate ({self.compensate}) must be >= 0 and keep ({self.keep}) in [0, 1]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,15 +193,20 @@ class MendEditor(nn.Module):
 
     def memory(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: list[int]) -> dict[str, torch.Tensor]:
         """The gated edit memory of one update (`mend.aggregation`): {override name: tensor} of every
-        target (P, U, c(u), D over each edit's kept rows); `rows`: the number of token rows of each
-        edit, in order. Differentiable in the editor, λ_l and μ_l (meta-training with `train.gated`)."""
+        target (P, U, c(u), D over each edit's kept rows and their crowding scales); `rows`: the number
+        of token rows of each edit, in order. Differentiable in the editor, λ_l and μ_l (meta-training
+        with `train.gated`)."""
         out, kv = {}, self.key_values(factors)
         for t in self.targets:
             u, d = kv[t.param_name]
             kept = [select_rows(a, b, self.cfg.keep) for a, b in zip(u.split(rows), d.split(rows))]
+            owners = [i for i, (a, _) in enumerate(kept) for _ in range(a.shape[0])]
             u, d = torch.cat([a for a, _ in kept]), torch.cat([b for _, b in kept])
-            p = inverse_system(self.base_eigen(t.param_name), u, None if torch.is_grad_enabled() else self._base_inverse(t.param_name))
-            out.update(zip(memory_names(t.name), (p.to(u.dtype), u, own_shares(u, p).to(u.dtype), d)))
+            a0inv = self._base_inverse(t.param_name)
+            p = inverse_system(self.base_eigen(t.param_name), u, None if torch.is_grad_enabled() else a0inv)
+            own = own_shares(u, p)
+            scale = crowding(alone_shares(u, owners, a0inv.float()), own, self.cfg.compensate)
+            out.update(zip(memory_names(t.name), (p.to(u.dtype), u, own.to(u.dtype), d, scale.to(u.dtype))))
         return out
 
     def base_eigen(self, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +222,7 @@ class MendEditor(nn.Module):
     def _base_inverse(self, param_name: str) -> torch.Tensor:
         """A₀⁻¹ (n, n) float64 for the current λ_l and μ_l, computed once for them (not differentiable)."""
         i = self.index[param_name]
-        key = (float(self.log_preserve[i]), float(self.log_ridge[i]))
+        key = (float(self.log_preserve[i].detach()), float(self.log_ridge[i].detach()))
         if i not in self._inverse or self._inverse[i][0] != key:
             q, w = self.base_eigen(param_name)
             self._inverse[i] = (key, (q / w.detach()) @ q.T)

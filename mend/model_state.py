@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mend.aggregation import MEMORY, KeyValues, LayerMemory, attach_memory, empty_memory, memories, memory_names, select_rows
+from mend.aggregation import (MEMORY, KeyValues, LayerMemory, alone_shares, attach_memory, empty_memory, memories, memory_names,
+                              select_rows)
 from mend.editing import all_finite
 from mend.errors import ConfigError, NoEditorError, UnstableEditError
 from mend.targets import EditTarget
@@ -86,15 +87,16 @@ class Change:
 
 class EditableModel:
     def __init__(self, model: torch.nn.Module, targets: list[EditTarget], base_systems: dict[str, torch.Tensor] | None,
-                 gate: float = 0.0, keep: float = 0.0):
+                 gate: float = 0.0, keep: float = 0.0, compensate: float = 0.0):
         """`base_systems`: A₀ per target (`MendEditor.base_system`); None without an editor, when
-        no edit can be active. `gate` (τ) and `keep`: the editor's (`EditorConfig`)."""
+        no edit can be active. `gate` (τ), `keep` and `compensate` (γ): the editor's (`EditorConfig`)."""
         if memories(model):
             raise ConfigError("this model already holds edits (its directory has an edit_memory.safetensors): serve its "
                               "base model with the journal that made them (paths.base_model=BASE paths.journal=DIR/journal)")
         self.model = model
         self.targets = {t.param_name: t for t in targets}
         self.keep = keep
+        self.compensate = compensate
         attach_memory(model, targets, gate)
         modules = dict(model.named_modules())
         self._modules = {name: modules[t.name] for name, t in self.targets.items()}
@@ -136,7 +138,8 @@ class EditableModel:
             if not active:
                 memories[name] = base
             elif rows >= self.targets[name].fan_in:  # cheaper to factorise A afresh
-                memories[name] = LayerMemory.fresh(self._systems[name], *self._rows(active, name, device))
+                keys, values, owners, alone = self._rows(active, name, device)
+                memories[name] = LayerMemory.fresh(self._systems[name], keys, values, owners, alone)
             else:
                 mem = self.memories[name]
                 if gone:
@@ -144,7 +147,9 @@ class EditableModel:
                 if new:
                     mem = mem.added(*self._rows(new, name, device))
                 memories[name] = mem
-            if not all_finite({"P": memories[name].p32, "shares": memories[name].own}):  # float32: also catches overflow there
+            # P is symmetric positive definite, so its largest entries are on its diagonal: a finite float32
+            # diagonal (and finite shares, which every non-finite Woodbury factor reaches) means a finite P
+            if not all_finite({"P": memories[name].p32.diagonal(), "shares": memories[name].own}):
                 raise UnstableEditError(f"the combined update of {name} is not finite; nothing was changed")
         return Change(active, memories)
 
@@ -153,7 +158,7 @@ class EditableModel:
         out = {}
         for name, mem in change.memories.items():
             names = self._names[name]
-            out.update(zip(names, mem.buffers() if change.active else (self.pristine[n].clone() for n in names)))
+            out.update(zip(names, mem.buffers(self.compensate) if change.active else (self.pristine[n].clone() for n in names)))
         return out
 
     @torch.no_grad()
@@ -196,8 +201,12 @@ class EditableModel:
         if change is not None:
             self.commit(change)
 
-    def _rows(self, edits: dict[int, KeyValues], name: str, device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-        """The kept rows (`select_rows`) of `edits` for one layer, stacked in order, on `device`, and each row's edit."""
+    def _rows(self, edits: dict[int, KeyValues], name: str, device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], torch.Tensor]:
+        """The kept rows (`select_rows`) of `edits` for one layer, stacked in order, on `device`, each
+        row's edit and its `alone_shares` (A₀⁻¹ is the base memory's P)."""
         picked = {s: select_rows(*kv[name], self.keep) for s, kv in edits.items()}
         owners = tuple(s for s, (u, _) in picked.items() for _ in range(u.shape[0]))
-        return (torch.cat([u for u, _ in picked.values()]).to(device), torch.cat([d for _, d in picked.values()]).to(device), owners)
+        keys = torch.cat([u for u, _ in picked.values()]).to(device)
+        # the alone shares only scale rows when γ > 0; without it they are never read (no pass over A₀⁻¹)
+        alone = alone_shares(keys, owners, self._base[name].p32) if self.compensate else torch.ones(len(owners), dtype=torch.float64)
+        return keys, torch.cat([d for _, d in picked.values()]).to(device), owners, alone

@@ -2,7 +2,8 @@
 
 import torch
 
-from mend.aggregation import LayerMemory, attach_memory, gated, inverse_system, memory_names, save_memory, select_rows, solve
+from mend.aggregation import (LayerMemory, alone_shares, attach_memory, crowding, gated, inverse_system, memory_names, save_memory,
+                              select_rows, solve)
 from mend.models import load_model
 from mend.editing import edited_weights
 from mend.targets import resolve_targets
@@ -29,6 +30,18 @@ def owners(edits, seqs):
     return tuple(s for s, (u, _) in zip(seqs, edits) for _ in range(u.shape[0]))
 
 
+def added(mem, base, u, d, seq):
+    """`mem` with one more edit, its rows' alone shares from A₀⁻¹ as the served model computes them."""
+    own = owners([(u, d)], [seq])
+    return mem.added(u, d, own, alone_shares(u, own, torch.linalg.inv(base).float()))
+
+
+def fresh(base, edits, seqs):
+    u, d = stacked(edits)
+    own = owners(edits, seqs)
+    return LayerMemory.fresh(base, u, d, own, alone_shares(u, own, torch.linalg.inv(base).float()))
+
+
 def test_the_memory_is_the_least_squares_update_split_into_rows():
     base, edits = problem()
     u, d = (x.double() for x in stacked(edits))
@@ -47,28 +60,46 @@ def test_adding_and_removing_edits_one_by_one_matches_a_fresh_memory_in_any_orde
     assert empty.keys.shape == (0, 24) and empty.own.shape == (0,)
     forward, backward = empty, empty
     for s, (u, d) in enumerate(edits):
-        forward = forward.added(u, d, owners([(u, d)], [s]))
+        forward = added(forward, base, u, d, s)
     for s, (u, d) in reversed(list(enumerate(edits))):
-        backward = backward.added(u, d, owners([(u, d)], [s]))
-    fresh = LayerMemory.fresh(base, *stacked(edits), owners(edits, range(3)))
+        backward = added(backward, base, u, d, s)
+    everything = fresh(base, edits, range(3))
     for mem in (forward, backward):
-        torch.testing.assert_close(mem.P, fresh.P, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(forward.own, fresh.own, rtol=1e-10, atol=1e-12)
-    assert torch.equal(forward.keys, fresh.keys) and torch.equal(forward.buffers()[3], fresh.buffers()[3])
+        torch.testing.assert_close(mem.P, everything.P, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(forward.own, everything.own, rtol=1e-10, atol=1e-12)
+    assert torch.equal(forward.keys, everything.keys) and torch.equal(forward.buffers()[3], everything.buffers()[3])
+    assert torch.equal(forward.alone, everything.alone)  # an edit's alone shares depend on that edit only
     order = [i for s in range(3) for i, o in enumerate(backward.owners) if o == s]  # backward holds the rows in the order they came
-    torch.testing.assert_close(backward.own[order], fresh.own, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(backward.own[order], everything.own, rtol=1e-10, atol=1e-12)
     without_first = forward.removed({0})  # "as if it had never been applied"
-    again = LayerMemory.fresh(base, *stacked(edits[1:]), owners(edits[1:], [1, 2]))
+    again = fresh(base, edits[1:], [1, 2])
+    assert torch.equal(without_first.alone, again.alone)
     assert without_first.owners == again.owners and torch.equal(without_first.keys, again.keys)
     torch.testing.assert_close(without_first.P, again.P, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(without_first.own, again.own, rtol=1e-10, atol=1e-12)
 
 
+def test_crowded_rows_write_more_of_their_value_than_the_solve_leaves_them():
+    base, edits = problem()
+    alone = fresh(base, edits[:1], [0])
+    torch.testing.assert_close(alone.alone, alone.own, rtol=1e-5, atol=0)  # one edit: its shares are its alone shares
+    torch.testing.assert_close(alone.buffers(0.3)[4], torch.ones(5), rtol=1e-5, atol=0)  # so it writes as before
+    crowded = fresh(base, edits, range(3))
+    assert bool((crowded.own < crowded.alone).all())  # the other edits' rows take part of each row's share
+    scale = crowded.buffers(0.3)[4]
+    torch.testing.assert_close(scale.double(), (crowded.alone / crowded.own) ** 0.3)
+    assert bool((scale > 1).all()) and torch.equal(crowded.buffers(0.0)[4], torch.ones(25))
+    x = crowded.keys[:1].float()
+    p, keys, own, values, _ = crowded.buffers()
+    torch.testing.assert_close(gated(x, p, keys, own, values, 0.5, scale), gated(x, p, keys, own, values * scale[:, None], 0.5))
+    torch.testing.assert_close(crowding(crowded.alone, crowded.own, 1.0) * crowded.own, crowded.alone)
+
+
 def test_a_proposal_from_an_older_memory_does_not_overwrite_a_newer_ones_rows():
     base, edits = problem()
     first = LayerMemory.fresh(base, *edits[0], owners(edits[:1], [0]))
-    a = first.added(*edits[1], owners([edits[1]], [1]))  # appended in place
-    b = first.added(*edits[2], owners([edits[2]], [2]))  # a sibling: must not reuse a's slots
+    a = added(first, base, *edits[1], 1)  # appended in place
+    b = added(first, base, *edits[2], 2)  # a sibling: must not reuse a's slots
     assert torch.equal(a.keys, torch.cat([edits[0][0], edits[1][0]]).double())
     assert torch.equal(b.keys, torch.cat([edits[0][0], edits[2][0]]).double())
 

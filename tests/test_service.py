@@ -24,13 +24,13 @@ def weights(service):
 
 
 def rows_in_one_order(state):
-    """`state` with each memory's rows (key, own share, value) sorted by their values: the same rows
+    """`state` with each memory's rows (key, own share, value, scale) sorted by their values: the same rows
     that came in another order compare equal."""
     out = dict(state)
     for name in [k[: -len(".mend_keys")] for k in state if k.endswith(".mend_keys")]:
         values = state[f"{name}.mend_values"]
         order = torch.argsort(values.double() @ torch.linspace(1, 2, values.shape[1], dtype=torch.float64))
-        for attr in ("mend_keys", "mend_own", "mend_values"):
+        for attr in ("mend_keys", "mend_own", "mend_values", "mend_scale"):
             out[f"{name}.{attr}"] = state[f"{name}.{attr}"][order]
     return out
 
@@ -268,7 +268,7 @@ def test_a_thousand_edits_in_chunks_of_a_hundred_keep_journal_and_weights_consis
         u, d = torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
         s = solve(service.method.editor.base_eigen(name), u, d)
         memory = service.state.memories[name]  # what the layer holds is this memory in float32
-        assert all(torch.equal(live[n], x) for n, x in zip(memory_names(t.name), memory.buffers()))
+        assert all(torch.equal(live[n], x) for n, x in zip(memory_names(t.name), memory.buffers(service.state.compensate)))
         assert memory.keys.shape[0] == u.shape[0]
         torch.testing.assert_close(memory.P @ memory.keys.T @ memory.rows.values[: u.shape[0]].double(), s, rtol=1e-6, atol=1e-9)
     service.close()

@@ -51,7 +51,7 @@ def test_the_gated_meta_loss_is_the_plain_one_without_gate_and_trains_the_editor
     train = world.edit_split("train")
     records, loc = train.records[:3], train.locality_pool[:8]
     plain, gated = TrainConfig(), TrainConfig(gated=True)
-    editor = MendEditor(targets, EditorConfig(rank=32, step_init=1e-2, gate=0.0, keep=0.0)).train()
+    editor = MendEditor(targets, EditorConfig(rank=32, step_init=1e-2, gate=0.0, keep=0.0, compensate=0.0)).train()
     attach_memory(model, targets, 0.0)
     meta_loss(model, editor, tok, records, loc, plain)  # normalisation statistics
     editor.eval()  # no more statistics: both losses see the same editor
