@@ -94,7 +94,7 @@ def own_shares(keys: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def alone_shares(keys: torch.Tensor, owners, a0inv: torch.Tensor) -> torch.Tensor:
     """Each row's own share with only its own edit's rows active (R,) float64: diag(G M⁻¹) per edit,
     G = Uₑ A₀⁻¹ Uₑᵀ, M = I + G. `owners`: each row's edit (an edit's rows are contiguous);
-    `a0inv`: A₀⁻¹, in float32 (a scale needs no more: one product over it, not two)."""
+    `a0inv`: A₀⁻¹ in float32 (precise enough for a scale, and half the bytes to read)."""
     u = keys.detach().to(a0inv.dtype)
     out, start = [], 0
     for size in _run_lengths(owners):  # one product per edit: the same numbers whatever edits come with it
