@@ -138,8 +138,7 @@ class EditableModel:
             if not active:
                 memories[name] = base
             elif rows >= self.targets[name].fan_in:  # cheaper to factorise A afresh
-                keys, values, owners, alone = self._rows(active, name, device)
-                memories[name] = LayerMemory.fresh(self._systems[name], keys, values, owners, alone)
+                memories[name] = LayerMemory.fresh(self._systems[name], *self._rows(active, name, device))
             else:
                 mem = self.memories[name]
                 if gone:
@@ -208,5 +207,5 @@ class EditableModel:
         owners = tuple(s for s, (u, _) in picked.items() for _ in range(u.shape[0]))
         keys = torch.cat([u for u, _ in picked.values()]).to(device)
         # the alone shares only scale rows when γ > 0; without it they are never read (no pass over A₀⁻¹)
-        alone = alone_shares(keys, owners, self._base[name].p32) if self.compensate else torch.ones(len(owners), dtype=torch.float64)
+        alone = alone_shares(keys, owners, self._base[name].p32) if self.compensate else keys.new_ones(len(owners), dtype=torch.float64)
         return keys, torch.cat([d for _, d in picked.values()]).to(device), owners, alone
