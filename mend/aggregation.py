@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -97,22 +98,13 @@ def alone_shares(keys: torch.Tensor, owners, a0inv: torch.Tensor) -> torch.Tenso
     `a0inv`: A₀⁻¹ in float32 (precise enough for a scale, and half the bytes to read)."""
     u = keys.detach().to(a0inv.dtype)
     out, start = [], 0
-    for size in _run_lengths(owners):  # one product per edit: the same numbers whatever edits come with it
+    for _, rows in groupby(owners):  # one product per edit: the same numbers whatever edits come with it
+        size = len(list(rows))
         mine = u[start : start + size]
         g = ((mine @ a0inv) @ mine.T).double()
         out.append(torch.linalg.solve(torch.eye(size, dtype=g.dtype, device=g.device) + g, g).diagonal())
         start += size
     return torch.cat(out) if out else keys.new_zeros(0, dtype=torch.float64)
-
-
-def _run_lengths(owners) -> list[int]:
-    sizes: list[int] = []
-    for i, o in enumerate(owners):
-        if i and o == owners[i - 1]:
-            sizes[-1] += 1
-        else:
-            sizes.append(1)
-    return sizes
 
 
 def crowding(alone: torch.Tensor, own: torch.Tensor, compensate: float) -> torch.Tensor:

@@ -6,7 +6,6 @@ on a different record, after one warm-up run.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 
@@ -45,8 +44,8 @@ def run_benchmark(model, tokenizer, methods: list[EditMethod], records: list[Edi
     return result
 
 
-def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRecord], chunk: int = 100,
-                      forward_backward=None) -> dict:
+def service_benchmark(open_service, forward_backward, timed: list[EditRecord], active: list[EditRecord],
+                      chunk: int = 100) -> dict:
     """The served edit with 0 and with len(active) active edits. Two services run side by side, one
     empty and one holding `active` (loaded by ApplyEdits of `chunk`: `apply_chunk_s`), and every
     measurement alternates between them record by record, so that both see the same machine speed
@@ -54,9 +53,8 @@ def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRe
     `bare_edit_s` (keys and values on the base weights, the change of every layer's memory and its
     new buffers, as ApplyEdit makes them), `apply_edit_s` (a whole ApplyEdit: metrics, journal and
     write; each is rolled back untimed), `apply_edit_no_metrics_s` (the same without metrics, as for
-    bulk loads). With `forward_backward(record) -> seconds` (on the base model), one is timed right
-    before each bare edit: `forward_backward_s` and `bare_over_forward_backward`, the median of the
-    per-edit ratios. `apply_ratio`: the median over records of ApplyEdit with len(active) / with 0.
+    bulk loads). `forward_backward(record) -> seconds` (on the base model) is timed right before each
+    bare edit: `forward_backward_s` and `bare_over_forward_backward`, the median of the per-edit ratios. `apply_ratio`: the median over records of ApplyEdit with len(active) / with 0.
     `replay_s`: reopening the journal of len(active) edits. `open_service(name)` opens the service on
     the scratch journal `name` ("empty" or "loaded"); `timed` and `active` are distinct facts."""
     n = str(len(active))
@@ -93,16 +91,14 @@ def service_benchmark(open_service, timed: list[EditRecord], active: list[EditRe
             for service in (empty, loaded):
                 bare(service, r)
                 applied(service, r, True)
-        for label, service in (("0", empty), (n, loaded)):
-            result[f"beside@{label}"] = []
+        beside: dict[str, list[tuple[float, float]]] = {"0": [], n: []}  # (forward+backward, bare edit) seconds
         for r in timed:
             for label, service in (("0", empty), (n, loaded)):
-                result[f"beside@{label}"].append((forward_backward(r) if forward_backward else math.nan, bare(service, r)))
-        for label in ("0", n):
-            beside = result.pop(f"beside@{label}")
-            result[f"bare_edit_s@{label}"] = statistics.median(e for _, e in beside)
-            result[f"forward_backward_s@{label}"] = statistics.median(f for f, _ in beside)
-            result[f"bare_over_forward_backward@{label}"] = statistics.median(e / f for f, e in beside)
+                beside[label].append((forward_backward(r), bare(service, r)))
+        for label, timings in beside.items():
+            result[f"bare_edit_s@{label}"] = statistics.median(e for _, e in timings)
+            result[f"forward_backward_s@{label}"] = statistics.median(f for f, _ in timings)
+            result[f"bare_over_forward_backward@{label}"] = statistics.median(e / f for f, e in timings)
         for metrics, key in ((True, "apply_edit_s"), (False, "apply_edit_no_metrics_s")):
             pairs = [(applied(empty, r, metrics), applied(loaded, r, metrics)) for r in timed]
             result[f"{key}@0"] = statistics.median(a for a, _ in pairs)

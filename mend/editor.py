@@ -205,7 +205,8 @@ class MendEditor(nn.Module):
             a0inv = self._base_inverse(t.param_name)
             p = inverse_system(self.base_eigen(t.param_name), u, None if torch.is_grad_enabled() else a0inv)
             own = own_shares(u, p)
-            scale = crowding(alone_shares(u, owners, a0inv.float()), own, self.cfg.compensate)
+            alone = alone_shares(u, owners, a0inv.float()) if self.cfg.compensate else own  # unread with γ = 0
+            scale = crowding(alone, own, self.cfg.compensate)
             out.update(zip(memory_names(t.name), (p.to(u.dtype), u, own.to(u.dtype), d, scale.to(u.dtype))))
         return out
 

@@ -271,7 +271,7 @@ def bench(cfg: DictConfig) -> None:
     with tempfile.TemporaryDirectory(prefix="mend-bench-") as scratch:
         served = service_benchmark(
             lambda name: open_service(OmegaConf.merge(cfg, {"paths": {"journal": str(Path(scratch) / name)}})),
-            records[n : n + cfg.bench.repeats], records[:n], forward_backward=lambda r: forward_backward_seconds(model, tok, r))
+            lambda r: forward_backward_seconds(model, tok, r), records[n : n + cfg.bench.repeats], records[:n])
     print(f"the served edit (median of {cfg.bench.repeats}), with 0 and with {n} active edits (two services, "
           "timed alternately; each edit next to a forward+backward of the base model timed right before it):")
     for label in ("0", str(n)):
