@@ -96,9 +96,14 @@ def _takes_logits_to_keep(model) -> bool:
 
 
 def target_nll(logits_: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """(B,) mean negative log-likelihood of each example's target tokens."""
+    """(B,) mean negative log-likelihood of each example's target tokens; `logits_` (B, T-1, V), or
+    (n, V) at the target positions only (`logits(..., at=batch.target_mask)`)."""
     labels = batch.labels[:, 1:]
     mask = labels != IGNORE
+    if logits_.dim() == 2:
+        nll = -torch.log_softmax(logits_, -1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+        per_example = nll.new_zeros(mask.shape[0]).index_add(0, mask.nonzero()[:, 0], nll)
+        return per_example / mask.sum(-1).clamp(min=1)
     logp = torch.log_softmax(logits_, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 

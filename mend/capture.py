@@ -25,7 +25,6 @@ class Factors:
 @contextmanager
 def capture(model: torch.nn.Module, targets: list[EditTarget]):
     """Yield {param_name: Factors}, filled by the forward pass (u) and the backward pass (δ)."""
-    modules = dict(model.named_modules())
     store = {t.param_name: Factors() for t in targets}
     handles = []
 
@@ -39,7 +38,7 @@ def capture(model: torch.nn.Module, targets: list[EditTarget]):
 
     try:
         for t in targets:
-            handles.append(modules[t.name].register_forward_hook(hook_for(t.param_name)))
+            handles.append(model.get_submodule(t.name).register_forward_hook(hook_for(t.param_name)))
         yield store
     finally:
         for h in handles:
@@ -54,12 +53,13 @@ def edit_factors(model, targets: list[EditTarget], batch: TargetBatch,
     The loss sums each edit's mean target NLL, so δ for one edit does not shrink when it shares a
     batch with others. Gradients are taken w.r.t. copies of the target weights; the model's own
     parameters are never touched. `weights` overrides named parameters (the current edited
-    weights, for an edit on top of earlier ones).
+    weights, for an edit on top of earlier ones). The LM head runs at the target positions only.
     """
-    params = {**dict(model.named_parameters()), **(weights or {})}
-    grad_weights = {t.param_name: params[t.param_name].detach().requires_grad_(True) for t in targets}
+    weights = weights or {}
+    grad_weights = {t.param_name: (weights[t.param_name] if t.param_name in weights else model.get_parameter(t.param_name))
+                    .detach().requires_grad_(True) for t in targets}
     with torch.enable_grad(), capture(model, targets) as store:
-        loss = target_nll(logits(model, batch, {**(weights or {}), **grad_weights}), batch).sum()
+        loss = target_nll(logits(model, batch, {**weights, **grad_weights}, at=batch.target_mask), batch).sum()
         torch.autograd.grad(loss, list(grad_weights.values()))
     keep = batch.attention_mask.bool()
     out = {}

@@ -146,10 +146,13 @@ class EditableModel:
                 if new:
                     mem = mem.added(*self._rows(new, name, device))
                 memories[name] = mem
-            # P is symmetric positive definite, so its largest entries are on its diagonal: a finite float32
-            # diagonal (and finite shares, which every non-finite Woodbury factor reaches) means a finite P
-            if not all_finite({"P": memories[name].p32.diagonal(), "shares": memories[name].own}):
-                raise UnstableEditError(f"the combined update of {name} is not finite; nothing was changed")
+        # P is symmetric positive definite, so its largest entries are on its diagonal: a finite float32
+        # diagonal (and finite shares, which every non-finite Woodbury factor reaches) means a finite P.
+        # One test for all layers; the layer is looked up only when it fails.
+        checked = {name: torch.cat([m.p32.diagonal().double(), m.own]) for name, m in memories.items()}
+        if not all_finite({"all": torch.cat(list(checked.values()))}):
+            name = next(n for n, c in checked.items() if not all_finite({n: c}))
+            raise UnstableEditError(f"the combined update of {name} is not finite; nothing was changed")
         return Change(active, memories)
 
     def weights(self, change: Change) -> dict[str, torch.Tensor]:
