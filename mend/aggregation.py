@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cached_property
 from itertools import groupby
 from pathlib import Path
 
@@ -153,31 +152,48 @@ class _Rows:
         return rows
 
 
+PENDING = 64  # columns of Woodbury corrections a memory may hold before folding them into its dense P
+
+
 @dataclass(frozen=True)
 class LayerMemory:
     """The edit memory of one layer for a set of edit rows: P = (A₀ + UᵀU)⁻¹, each row's own share
     c_j(u_j), and the rows' keys U and values D (in `rows`, in the order they came); `owners` names
-    each row's edit."""
+    each row's edit.
 
-    P: torch.Tensor  # (fan_in, fan_in) float64
+    P is held as a dense part and the Woodbury corrections since it was last rewritten,
+    P = F − A Bᵀ (A, B: (fan_in, r), r ≤ `PENDING`): an edit appends k columns instead of rewriting
+    the (fan_in, fan_in) matrix, and the layer computes x P as x F − (x A) Bᵀ. Once the corrections
+    would pass `PENDING` columns they are folded into F (one pass over it for many edits)."""
+
+    dense: torch.Tensor  # F (fan_in, fan_in) float64
+    dense32: torch.Tensor  # F in float32, as the layer reads it
+    pending: tuple[torch.Tensor, torch.Tensor]  # (A, B) (fan_in, r) float64
     own: torch.Tensor  # (R,) float64
     alone: torch.Tensor  # (R,) float64: each row's own share with its edit alone (`alone_shares`)
     rows: _Rows
     owners: tuple[int, ...] = ()
 
     @property
+    def P(self) -> torch.Tensor:  # (fan_in, fan_in) float64
+        a, b = self.pending
+        return torch.addmm(self.dense, a, b.T, alpha=-1) if a.shape[1] else self.dense
+
+    @property
     def keys(self) -> torch.Tensor:  # (R, fan_in) float64
         return self.rows.keys[: len(self.owners)]
 
-    @cached_property
-    def p32(self) -> torch.Tensor:
-        """P in float32, as the layer reads it (made once per memory)."""
-        return self.P.float()
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        """P x for x (fan_in, k), float64."""
+        a, b = self.pending
+        return self.dense @ x - a @ (b.T @ x) if a.shape[1] else self.dense @ x
 
     def buffers(self, compensate: float = 0.0) -> tuple[torch.Tensor, ...]:
-        """What the layer holds (`gated`): P, U, c(u), D and the rows' `crowding` scales, in float32."""
+        """What the layer holds (`gated`, in `MEMORY` order): F, U, c(u), D, the rows' `crowding` scales,
+        A and B, in float32."""
         r = len(self.owners)
-        return self.p32, self.rows.keys32(r), self.own.float(), self.rows.values[:r], crowding(self.alone, self.own, compensate).float()
+        return (self.dense32, self.rows.keys32(r), self.own.float(), self.rows.values[:r],
+                crowding(self.alone, self.own, compensate).float(), *(x.float() for x in self.pending))
 
     @classmethod
     def fresh(cls, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...] | None = None,
@@ -193,7 +209,8 @@ class LayerMemory:
         # row-major P: cholesky_inverse returns it column-major, which makes every P @ Uᵀ ~15x slower
         p = torch.cholesky_inverse(chol).contiguous()
         own = own_shares(u, p)
-        return cls(p, own, own.clone() if alone is None else alone.double(),
+        none = p.new_zeros(p.shape[0], 0)
+        return cls(p, p.float(), (none, none), own, own.clone() if alone is None else alone.double(),
                    _Rows.of(u, keys.float(), values.float(), max(64, 2 * u.shape[0])), owners)
 
     def added(self, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...], alone: torch.Tensor) -> "LayerMemory":
@@ -202,28 +219,39 @@ class LayerMemory:
             M = I + Uₖ P Uₖᵀ,  K = P Uₖᵀ M⁻¹,  P' = P − K Uₖ P,  c_j' = c_j − t_j M⁻¹ t_jᵀ,  t_j = u_j P Uₖᵀ
 
         and the new rows' own shares Uₖ P' Uₖᵀ = G M⁻¹ = I − M⁻¹ (G = M − I): no further pass over P.
-        O(fan_in² k) for P plus O(fan_in R k) for the other rows' shares."""
+        O(fan_in² k) for P Uₖᵀ plus O(fan_in R k) for the other rows' shares."""
         u = keys.double()
-        p, minv, pu = self._woodbury(u, +1)
-        own = 1 - minv.diagonal()
-        return LayerMemory(p, torch.cat([self._shares_without(minv, pu), own]), torch.cat([self.alone, alone.double()]),
-                           self.rows.appended(len(self.owners), keys, values), self.owners + owners)
+        pending, minv, pu = self._woodbury(u, +1)
+        return self._with(pending, torch.cat([self._shares_without(minv, pu), 1 - minv.diagonal()]),
+                          torch.cat([self.alone, alone.double()]), self.rows.appended(len(self.owners), keys, values),
+                          self.owners + owners)
 
     def removed(self, gone: set[int]) -> "LayerMemory":
         """Without the rows of the edits in `gone`, by one Woodbury step (A' = A − UₖᵀUₖ, Uₖ their
         keys); the kept rows are copied to new storage."""
         kept = [i for i, o in enumerate(self.owners) if o not in gone]
-        p, minv, pu = self._woodbury(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
+        pending, minv, pu = self._woodbury(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
         rows = _Rows.of(self.rows.keys[kept], self.rows.keys32t[:, kept].T, self.rows.values[kept], max(64, 2 * len(kept)))
-        return LayerMemory(p, self._shares_without(minv, pu)[kept], self.alone[kept], rows, tuple(self.owners[i] for i in kept))
+        return self._with(pending, self._shares_without(minv, pu)[kept], self.alone[kept], rows,
+                          tuple(self.owners[i] for i in kept))
 
-    def _woodbury(self, u: torch.Tensor, sign: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(P', M⁻¹, P Uₖᵀ) for A' = A + sign · UₖᵀUₖ: M = Uₖ P Uₖᵀ + sign · I, K = P Uₖᵀ M⁻¹, P' = P − K Uₖ P.
-        M is k x k and symmetric: one inverse serves K and the share updates."""
-        pu = self.P @ u.T  # (n, k)
+    def _woodbury(self, u: torch.Tensor, sign: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(the corrections with this step's, M⁻¹, P Uₖᵀ) for A' = A + sign · UₖᵀUₖ: M = Uₖ P Uₖᵀ + sign · I,
+        K = P Uₖᵀ M⁻¹, P' = P − K (P Uₖᵀ)ᵀ. M is k x k and symmetric: one inverse serves K and the share updates."""
+        pu = self.times(u.T)  # (n, k)
         minv = torch.linalg.inv(u @ pu + sign * torch.eye(u.shape[0], dtype=u.dtype, device=u.device))
-        # addmm: one pass over the (n, n) matrix, ~15x faster on CPU than P - K @ PUᵀ
-        return torch.addmm(self.P, pu @ minv, pu.T, alpha=-1), minv, pu
+        a, b = self.pending
+        return (torch.cat([a, pu @ minv], 1), torch.cat([b, pu], 1)), minv, pu
+
+    def _with(self, pending, own, alone, rows, owners) -> "LayerMemory":
+        """A memory with these corrections, folded into F when there are more than `PENDING` columns
+        (addmm: one pass over F, ~15x faster on CPU than F − A @ Bᵀ)."""
+        a, b = pending
+        if a.shape[1] <= PENDING:
+            return LayerMemory(self.dense, self.dense32, pending, own, alone, rows, owners)
+        dense = torch.addmm(self.dense, a, b.T, alpha=-1)
+        none = dense.new_zeros(dense.shape[0], 0)
+        return LayerMemory(dense, dense.float(), (none, none), own, alone, rows, owners)
 
     def _shares_without(self, minv: torch.Tensor, pu: torch.Tensor) -> torch.Tensor:
         """This memory's rows' shares after P' = P − P Uₖᵀ M⁻¹ Uₖ P: c_j − t_j M⁻¹ t_jᵀ with t = U P Uₖᵀ,
@@ -232,21 +260,27 @@ class LayerMemory:
         return self.own - ((t @ minv) * t).sum(1)
 
 
-MEMORY = ("mend_p", "mend_keys", "mend_own", "mend_values", "mend_scale")  # buffer names on each edited layer
+MEMORY = ("mend_p", "mend_keys", "mend_own", "mend_values", "mend_scale", "mend_pa", "mend_pb")  # buffer names on each edited layer
 
 
 def memory_names(module_name: str) -> tuple[str, ...]:
-    """The override names of a layer's memory for `functional_call`: P (fan_in, fan_in), keys U
-    (R, fan_in), own shares c(u) (R,), values D (R, fan_out) and the rows' `crowding` scales (R,)."""
+    """The override names of a layer's memory for `functional_call`: P's dense part F (fan_in, fan_in),
+    keys U (R, fan_in), own shares c(u) (R,), values D (R, fan_out), the rows' `crowding` scales (R,)
+    and P's pending corrections A, B (fan_in, r): P = F − A Bᵀ (`LayerMemory`)."""
     return tuple(f"{module_name}.{attr}" for attr in MEMORY)
 
 
 def gated(x: torch.Tensor, p: torch.Tensor, keys: torch.Tensor, own: torch.Tensor, values: torch.Tensor,
-          threshold: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+          threshold: float, scale: torch.Tensor | None = None,
+          pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Σ_j c_j [|c_j| ≥ τ c_j(u_j)] s_j d_j, c = x P Uᵀ, for inputs x (..., fan_in): what the memory adds to a
-    layer's output (s: the rows' `crowding` scales, default 1). Only the rows that fire for some input
-    enter the product with D (an unrelated input fires few)."""
-    c = (x.float() @ p) @ keys.T  # (..., R)
+    layer's output (s: the rows' `crowding` scales, default 1; P = p − A Bᵀ with `pending` (A, B)).
+    Only the rows that fire for some input enter the product with D (an unrelated input fires few)."""
+    x = x.float()
+    xp = x @ p
+    if pending is not None and pending[0].shape[1]:
+        xp = xp - (x @ pending[0]) @ pending[1].T
+    c = xp @ keys.T  # (..., R)
     fired = c.abs() >= threshold * own
     live = fired.flatten(0, -2).any(0)
     written = c[..., live] * fired[..., live]
@@ -257,13 +291,18 @@ def _memory_hook(module, inputs, output):
     if module.mend_keys.shape[0] == 0:
         return output
     return output + gated(inputs[0], module.mend_p, module.mend_keys, module.mend_own, module.mend_values,
-                          module.mend_gate, module.mend_scale).to(output.dtype)
+                          module.mend_gate, module.mend_scale, (module.mend_pa, module.mend_pb)).to(output.dtype)
 
 
 def empty_memory(fan_in: int, fan_out: int, device=None) -> tuple[torch.Tensor, ...]:
     """The buffers of a memory without rows (the base model)."""
     return (torch.zeros(0, 0, device=device), torch.zeros(0, fan_in, device=device), torch.zeros(0, device=device),
-            torch.zeros(0, fan_out, device=device), torch.zeros(0, device=device))
+            torch.zeros(0, fan_out, device=device), torch.zeros(0, device=device), *no_pending(fan_in, device))
+
+
+def no_pending(fan_in: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The corrections A, B of a memory whose P is all dense (fan_in, 0)."""
+    return torch.zeros(fan_in, 0, device=device), torch.zeros(fan_in, 0, device=device)
 
 
 def _attach(module: torch.nn.Module, fan_in: int, fan_out: int) -> None:
@@ -321,6 +360,8 @@ def load_memory(model: torch.nn.Module, path: str | Path) -> bool:
         module.mend_gate = float(gate)
         if f"{name}.mend_scale" not in tensors:  # saved before the crowding scales: every row's is 1
             tensors[f"{name}.mend_scale"] = torch.ones(tensors[f"{name}.mend_own"].shape[0])
+        if f"{name}.mend_pa" not in tensors:  # saved before P had pending corrections: all dense
+            tensors[f"{name}.mend_pa"], tensors[f"{name}.mend_pb"] = no_pending(tensors[f"{name}.mend_keys"].shape[1])
         for attr in MEMORY:
             tensor = tensors[f"{name}.{attr}"].to(module.weight.device)
             # the keys in the served layout (`_Rows.keys32`): the same products, bit for bit, as before saving

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from mend.aggregation import KeyValues, alone_shares, crowding, inverse_system, memory_names, own_shares, select_rows, solve
+from mend.aggregation import KeyValues, alone_shares, crowding, inverse_system, memory_names, no_pending, own_shares, select_rows, solve
 from mend.errors import ConfigError
 from mend.targets import EditTarget
 
@@ -207,7 +207,8 @@ class MendEditor(nn.Module):
             own = own_shares(u, p)
             alone = alone_shares(u, owners, a0inv.float()) if self.cfg.compensate else own  # unread with γ = 0
             scale = crowding(alone, own, self.cfg.compensate)
-            out.update(zip(memory_names(t.name), (p.to(u.dtype), u, own.to(u.dtype), d, scale.to(u.dtype))))
+            out.update(zip(memory_names(t.name), (p.to(u.dtype), u, own.to(u.dtype), d, scale.to(u.dtype),
+                                                  *no_pending(u.shape[1], u.device))))
         return out
 
     def base_eigen(self, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,7 +133,7 @@ class EditableModel:
         active = dict(sorted({**{s: kv for s, kv in self.active.items() if s not in remove}, **add}.items()))
         memories = {}
         for name, base in self._base.items():
-            device = base.P.device
+            device = base.dense.device
             rows = sum(kv[name][0].shape[0] for kv in [*gone.values(), *new.values()])
             if not active:
                 memories[name] = base
@@ -146,10 +146,11 @@ class EditableModel:
                 if new:
                     mem = mem.added(*self._rows(new, name, device))
                 memories[name] = mem
-        # P is symmetric positive definite, so its largest entries are on its diagonal: a finite float32
-        # diagonal (and finite shares, which every non-finite Woodbury factor reaches) means a finite P.
-        # One test for all layers; the layer is looked up only when it fails.
-        checked = {name: torch.cat([m.p32.diagonal().double(), m.own]) for name, m in memories.items()}
+        # P's dense part is an earlier P, symmetric positive definite, so its largest entries are on its
+        # diagonal: a finite float32 diagonal, finite corrections and finite shares (which every non-finite
+        # Woodbury factor reaches) mean a finite P. One test for all layers; the layer is looked up only when it fails.
+        checked = {name: torch.cat([m.dense32.diagonal().double(), m.own, *(x.sum(0) for x in m.pending)])
+                   for name, m in memories.items()}
         if not all_finite({"all": torch.cat(list(checked.values()))}):
             name = next(n for n, c in checked.items() if not all_finite({n: c}))
             raise UnstableEditError(f"the combined update of {name} is not finite; nothing was changed")
@@ -210,5 +211,5 @@ class EditableModel:
         owners = tuple(s for s, (u, _) in picked.items() for _ in range(u.shape[0]))
         keys = torch.cat([u for u, _ in picked.values()]).to(device)
         # the alone shares only scale rows when γ > 0; without it they are never read (no pass over A₀⁻¹)
-        alone = alone_shares(keys, owners, self._base[name].p32) if self.compensate else keys.new_ones(len(owners), dtype=torch.float64)
+        alone = alone_shares(keys, owners, self._base[name].dense32) if self.compensate else keys.new_ones(len(owners), dtype=torch.float64)
         return keys, torch.cat([d for _, d in picked.values()]).to(device), owners, alone

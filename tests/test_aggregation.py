@@ -1,7 +1,9 @@
 """The combination of edits: the least-squares memory, its incremental Woodbury steps, and the gate."""
 
+import pytest
 import torch
 
+from mend import aggregation
 from mend.aggregation import (LayerMemory, alone_shares, attach_memory, crowding, gated, inverse_system, memory_names, save_memory,
                               select_rows, solve)
 from mend.models import load_model
@@ -54,7 +56,9 @@ def test_the_memory_is_the_least_squares_update_split_into_rows():
     torch.testing.assert_close(mem.own, torch.diagonal(u @ mem.P @ u.T))
 
 
-def test_adding_and_removing_edits_one_by_one_matches_a_fresh_memory_in_any_order():
+@pytest.mark.parametrize("pending", [64, 4])  # corrections kept beside P / folded into it at almost every step
+def test_adding_and_removing_edits_one_by_one_matches_a_fresh_memory_in_any_order(pending, monkeypatch):
+    monkeypatch.setattr(aggregation, "PENDING", pending)
     base, edits = problem()
     empty = LayerMemory.fresh(base, torch.zeros(0, 24), torch.zeros(0, 8))
     assert empty.keys.shape == (0, 24) and empty.own.shape == (0,)
@@ -77,6 +81,12 @@ def test_adding_and_removing_edits_one_by_one_matches_a_fresh_memory_in_any_orde
     assert without_first.owners == again.owners and torch.equal(without_first.keys, again.keys)
     torch.testing.assert_close(without_first.P, again.P, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(without_first.own, again.own, rtol=1e-10, atol=1e-12)
+    assert forward.pending[0].shape[1] == (25 if pending == 64 else 0)  # 5 + 7 + 13 rows; with at most 4 every step folds
+    # the layer reads P as its dense part and the corrections: what it writes is what the whole P writes
+    p, keys, own, values, scale, a, b = forward.buffers()
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(gated(x, p, keys, own, values, 0.5, scale, (a, b)),
+                               gated(x, forward.P.float(), keys, own, values, 0.5, scale), rtol=1e-4, atol=1e-5)
 
 
 def test_crowded_rows_write_more_of_their_value_than_the_solve_leaves_them():
@@ -90,7 +100,7 @@ def test_crowded_rows_write_more_of_their_value_than_the_solve_leaves_them():
     torch.testing.assert_close(scale.double(), (crowded.alone / crowded.own) ** 0.3)
     assert bool((scale > 1).all()) and torch.equal(crowded.buffers(0.0)[4], torch.ones(25))
     x = crowded.keys[:1].float()
-    p, keys, own, values, _ = crowded.buffers()
+    p, keys, own, values, *_ = crowded.buffers()
     torch.testing.assert_close(gated(x, p, keys, own, values, 0.5, scale), gated(x, p, keys, own, values * scale[:, None], 0.5))
     torch.testing.assert_close(crowding(crowded.alone, crowded.own, 1.0) * crowded.own, crowded.alone)
 
