@@ -28,13 +28,15 @@ edit's largest in that layer): the template words every prompt shares carry litt
 and would only make the rows of different edits compete. With many edits a row's own share falls
 below its share with its edit alone; each row's value is scaled by (alone / own share)^γ (`crowding`,
 γ = `compensate`). With τ = 0, keep = 0 and γ = 0 this is S exactly.
-The layer holds P = (UᵀU + A₀)⁻¹, U, c(u) and D in buffers (`attach_memory`) and computes
-c(x) = (x P) Uᵀ itself: then adding an edit changes P and the shares c(u), never a (fan_in, R)
-matrix. The base weights are never written.
+The layer holds c(u), D, the scales and c's operator P Uᵀ (P = (UᵀU + A₀)⁻¹) in buffers
+(`attach_memory`) and computes c(x) itself. The base weights are never written.
 
 A served model keeps `LayerMemory` per layer and adds or removes a group of k rows with one rank-k
 Woodbury step, O(fan_in² k + fan_in k R) for R active rows, instead of a new O(fan_in³)
-factorisation; the rows themselves are appended in place.
+factorisation. P is kept as a dense part F and the steps' low-rank corrections (P = F − A Bᵀ),
+folded into F every `PENDING` columns, and the layer's operator as H = F Uᵀ and Bᵀ Uᵀ
+(P Uᵀ = H − A Bᵀ Uᵀ): an edit appends its rows' columns of H and its corrections, and rewrites
+neither the (fan_in, fan_in) P nor the (fan_in, R) H except at a fold.
 """
 
 from __future__ import annotations
@@ -118,41 +120,38 @@ def crowding(alone: torch.Tensor, own: torch.Tensor, compensate: float) -> torch
 
 @dataclass
 class _Rows:
-    """Append-only storage of one layer's rows, shared by successive `LayerMemory` versions: rows
-    [0, R) are a memory's own, so a memory may append in place only while nothing was appended
-    after its R (a sibling proposal copies instead). Appending k rows then costs O(k), not O(R)."""
+    """Append-only storage of one layer's rows, shared by successive `LayerMemory` versions with the
+    same dense part F: rows [0, R) are a memory's own, so a memory may append in place only while
+    nothing was appended after its R (a sibling proposal copies instead). Appending k rows then costs
+    O(k), not O(R)."""
 
     keys: torch.Tensor  # (capacity, n) float64
-    keys32t: torch.Tensor  # (n, capacity) float32, transposed: what the layer reads (`keys32`)
     values: torch.Tensor  # (capacity, m) float32
+    h: torch.Tensor  # (n, capacity) float64: F u_jᵀ, one column per row
+    h32: torch.Tensor  # (n, capacity) float32: what the layer reads
     used: int = 0
 
-    def keys32(self, r: int) -> torch.Tensor:
-        """Rows [0, r) in float32, (r, n): a view whose transpose Uᵀ is row-major, which makes the
-        layer's product (x P) Uᵀ ~20% faster on CPU than with U stored row by row."""
-        return self.keys32t[:, :r].T
-
     @classmethod
-    def of(cls, keys: torch.Tensor, keys32: torch.Tensor, values: torch.Tensor, capacity: int) -> "_Rows":
+    def of(cls, keys: torch.Tensor, values: torch.Tensor, h: torch.Tensor, capacity: int) -> "_Rows":
         r, n, m = keys.shape[0], keys.shape[1], values.shape[1]
         # uninitialised: only rows [0, used) are ever read (zero-filling the capacity took as long as the copy)
-        out = cls(keys.new_empty(capacity, n, dtype=torch.float64), keys.new_empty(n, capacity, dtype=torch.float32),
-                  values.new_empty(capacity, m, dtype=torch.float32), r)
-        out.keys[:r], out.keys32t[:, :r], out.values[:r] = keys, keys32.T, values
+        out = cls(keys.new_empty(capacity, n, dtype=torch.float64), values.new_empty(capacity, m, dtype=torch.float32),
+                  keys.new_empty(n, capacity, dtype=torch.float64), keys.new_empty(n, capacity, dtype=torch.float32), r)
+        out.keys[:r], out.values[:r], out.h[:, :r], out.h32[:, :r] = keys, values, h, h
         return out
 
-    def appended(self, r: int, keys: torch.Tensor, values: torch.Tensor) -> "_Rows":
+    def appended(self, r: int, keys: torch.Tensor, values: torch.Tensor, h: torch.Tensor) -> "_Rows":
         """Storage whose rows [0, r) are these and [r, r + k) the given ones."""
         k = keys.shape[0]
         rows = self
         if self.used != r or r + k > self.keys.shape[0]:
-            rows = _Rows.of(self.keys[:r], self.keys32(r), self.values[:r], max(64, 2 * (r + k)))
-        rows.keys[r : r + k], rows.keys32t[:, r : r + k], rows.values[r : r + k] = keys.double(), keys.float().T, values.float()
+            rows = _Rows.of(self.keys[:r], self.values[:r], self.h[:, :r], max(64, 2 * (r + k)))
+        rows.keys[r : r + k], rows.values[r : r + k], rows.h[:, r : r + k], rows.h32[:, r : r + k] = keys.double(), values.float(), h, h
         rows.used = r + k
         return rows
 
 
-PENDING = 64  # columns of Woodbury corrections a memory may hold before folding them into its dense P
+PENDING = 64  # columns of Woodbury corrections a memory may hold before folding them into its dense part
 
 
 @dataclass(frozen=True)
@@ -163,12 +162,14 @@ class LayerMemory:
 
     P is held as a dense part and the Woodbury corrections since it was last rewritten,
     P = F − A Bᵀ (A, B: (fan_in, r), r ≤ `PENDING`): an edit appends k columns instead of rewriting
-    the (fan_in, fan_in) matrix, and the layer computes x P as x F − (x A) Bᵀ. Once the corrections
-    would pass `PENDING` columns they are folded into F (one pass over it for many edits)."""
+    the (fan_in, fan_in) matrix; past `PENDING` columns they are folded into F (one pass over it for
+    many edits). The layer never reads P: it holds H = F Uᵀ (a column per row, appended with the row)
+    and Bᵀ Uᵀ, and computes c(x) = x P Uᵀ = x H − (x A)(Bᵀ Uᵀ): one (fan_in, R) product per token
+    instead of a (fan_in, fan_in) and a (fan_in, R) one."""
 
     dense: torch.Tensor  # F (fan_in, fan_in) float64
-    dense32: torch.Tensor  # F in float32, as the layer reads it
     pending: tuple[torch.Tensor, torch.Tensor]  # (A, B) (fan_in, r) float64
+    bu: torch.Tensor  # Bᵀ Uᵀ (r, R) float64
     own: torch.Tensor  # (R,) float64
     alone: torch.Tensor  # (R,) float64: each row's own share with its edit alone (`alone_shares`)
     rows: _Rows
@@ -177,23 +178,18 @@ class LayerMemory:
     @property
     def P(self) -> torch.Tensor:  # (fan_in, fan_in) float64
         a, b = self.pending
-        return torch.addmm(self.dense, a, b.T, alpha=-1) if a.shape[1] else self.dense
+        return torch.addmm(self.dense, a, b.T, alpha=-1)
 
     @property
     def keys(self) -> torch.Tensor:  # (R, fan_in) float64
         return self.rows.keys[: len(self.owners)]
 
-    def times(self, x: torch.Tensor) -> torch.Tensor:
-        """P x for x (fan_in, k), float64."""
-        a, b = self.pending
-        return self.dense @ x - a @ (b.T @ x) if a.shape[1] else self.dense @ x
-
     def buffers(self, compensate: float = 0.0) -> tuple[torch.Tensor, ...]:
-        """What the layer holds (`gated`, in `MEMORY` order): F, U, c(u), D, the rows' `crowding` scales,
-        A and B, in float32."""
+        """What the layer holds (`gated`, in `MEMORY` order), float32: H, c(u), D, the rows' `crowding`
+        scales, A and Bᵀ Uᵀ."""
         r = len(self.owners)
-        return (self.dense32, self.rows.keys32(r), self.own.float(), self.rows.values[:r],
-                crowding(self.alone, self.own, compensate).float(), *(x.float() for x in self.pending))
+        return (self.rows.h32[:, :r], self.own.float(), self.rows.values[:r], crowding(self.alone, self.own, compensate).float(),
+                self.pending[0].float(), self.bu.float())
 
     @classmethod
     def fresh(cls, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...] | None = None,
@@ -209,104 +205,114 @@ class LayerMemory:
         # row-major P: cholesky_inverse returns it column-major, which makes every P @ Uᵀ ~15x slower
         p = torch.cholesky_inverse(chol).contiguous()
         own = own_shares(u, p)
-        none = p.new_zeros(p.shape[0], 0)
-        return cls(p, p.float(), (none, none), own, own.clone() if alone is None else alone.double(),
-                   _Rows.of(u, keys.float(), values.float(), max(64, 2 * u.shape[0])), owners)
+        return cls(p, _no_pending(p), p.new_zeros(0, u.shape[0]), own, own.clone() if alone is None else alone.double(),
+                   _Rows.of(u, values.float(), p @ u.T, max(64, 2 * u.shape[0])), owners)
 
     def added(self, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...], alone: torch.Tensor) -> "LayerMemory":
         """With k more rows, by one Woodbury step (A' = A + UₖᵀUₖ):
 
             M = I + Uₖ P Uₖᵀ,  K = P Uₖᵀ M⁻¹,  P' = P − K Uₖ P,  c_j' = c_j − t_j M⁻¹ t_jᵀ,  t_j = u_j P Uₖᵀ
 
-        and the new rows' own shares Uₖ P' Uₖᵀ = G M⁻¹ = I − M⁻¹ (G = M − I): no further pass over P.
-        O(fan_in² k) for P Uₖᵀ plus O(fan_in R k) for the other rows' shares."""
+        and the new rows' own shares Uₖ P' Uₖᵀ = G M⁻¹ = I − M⁻¹ (G = M − I). K and P Uₖᵀ join the
+        corrections; the new rows' columns of H are F Uₖᵀ, a part of P Uₖᵀ. O(fan_in² k) for F Uₖᵀ plus
+        O(fan_in R k) for the other rows' shares."""
         u = keys.double()
-        pending, minv, pu = self._woodbury(u, +1)
-        return self._with(pending, torch.cat([self._shares_without(minv, pu), 1 - minv.diagonal()]),
-                          torch.cat([self.alone, alone.double()]), self.rows.appended(len(self.owners), keys, values),
+        fu, btu, pu, g, minv, t = self._step(u, +1)
+        bu = torch.cat([torch.cat([self.bu, btu], 1), torch.cat([t.T, g.T], 1)])  # B'ᵀ U'ᵀ, no new product
+        return self._with(self.dense, self._corrections(pu, minv), bu,
+                          torch.cat([self.own - ((t @ minv) * t).sum(1), 1 - minv.diagonal()]),
+                          torch.cat([self.alone, alone.double()]), self.rows.appended(len(self.owners), keys, values, fu),
                           self.owners + owners)
 
     def removed(self, gone: set[int]) -> "LayerMemory":
         """Without the rows of the edits in `gone`, by one Woodbury step (A' = A − UₖᵀUₖ, Uₖ their
         keys); the kept rows are copied to new storage."""
         kept = [i for i, o in enumerate(self.owners) if o not in gone]
-        pending, minv, pu = self._woodbury(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
-        rows = _Rows.of(self.rows.keys[kept], self.rows.keys32t[:, kept].T, self.rows.values[kept], max(64, 2 * len(kept)))
-        return self._with(pending, self._shares_without(minv, pu)[kept], self.alone[kept], rows,
+        _, _, pu, _, minv, t = self._step(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
+        rows = _Rows.of(self.rows.keys[kept], self.rows.values[kept], self.rows.h[:, kept], max(64, 2 * len(kept)))
+        return self._with(self.dense, self._corrections(pu, minv), torch.cat([self.bu[:, kept], t[kept].T]),
+                          (self.own - ((t @ minv) * t).sum(1))[kept], self.alone[kept], rows,
                           tuple(self.owners[i] for i in kept))
 
-    def _woodbury(self, u: torch.Tensor, sign: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(the corrections with this step's, M⁻¹, P Uₖᵀ) for A' = A + sign · UₖᵀUₖ: M = Uₖ P Uₖᵀ + sign · I,
-        K = P Uₖᵀ M⁻¹, P' = P − K (P Uₖᵀ)ᵀ. M is k x k and symmetric: one inverse serves K and the share updates."""
-        pu = self.times(u.T)  # (n, k)
-        minv = torch.linalg.inv(u @ pu + sign * torch.eye(u.shape[0], dtype=u.dtype, device=u.device))
+    def _step(self, u: torch.Tensor, sign: int):
+        """The products of a Woodbury step A' = A + sign · UₖᵀUₖ: F Uₖᵀ, Bᵀ Uₖᵀ, P Uₖᵀ, G = Uₖ P Uₖᵀ,
+        M⁻¹ = (G + sign · I)⁻¹ (k x k, symmetric: one inverse serves K and the share updates) and
+        t = U P Uₖᵀ over this memory's rows (one pass over U)."""
         a, b = self.pending
-        return (torch.cat([a, pu @ minv], 1), torch.cat([b, pu], 1)), minv, pu
+        fu = self.dense @ u.T  # (n, k)
+        btu = b.T @ u.T  # (r, k)
+        pu = fu - a @ btu
+        g = u @ pu
+        minv = torch.linalg.inv(g + sign * torch.eye(u.shape[0], dtype=u.dtype, device=u.device))
+        return fu, btu, pu, g, minv, self.keys @ pu
 
-    def _with(self, pending, own, alone, rows, owners) -> "LayerMemory":
-        """A memory with these corrections, folded into F when there are more than `PENDING` columns
-        (addmm: one pass over F, ~15x faster on CPU than F − A @ Bᵀ)."""
+    def _corrections(self, pu: torch.Tensor, minv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The corrections with this step's P' = P − K (P Uₖᵀ)ᵀ, K = P Uₖᵀ M⁻¹."""
+        a, b = self.pending
+        return torch.cat([a, pu @ minv], 1), torch.cat([b, pu], 1)
+
+    def _with(self, dense, pending, bu, own, alone, rows, owners) -> "LayerMemory":
+        """A memory with these corrections, folded when there are more than `PENDING` columns:
+        F' = F − A Bᵀ and H' = F' Uᵀ = H − A (Bᵀ Uᵀ) (addmm: one pass over each, ~15x faster on CPU
+        than F − A @ Bᵀ), in new row storage."""
         a, b = pending
         if a.shape[1] <= PENDING:
-            return LayerMemory(self.dense, self.dense32, pending, own, alone, rows, owners)
-        dense = torch.addmm(self.dense, a, b.T, alpha=-1)
-        none = dense.new_zeros(dense.shape[0], 0)
-        return LayerMemory(dense, dense.float(), (none, none), own, alone, rows, owners)
-
-    def _shares_without(self, minv: torch.Tensor, pu: torch.Tensor) -> torch.Tensor:
-        """This memory's rows' shares after P' = P − P Uₖᵀ M⁻¹ Uₖ P: c_j − t_j M⁻¹ t_jᵀ with t = U P Uₖᵀ,
-        one pass over U."""
-        t = self.keys @ pu  # (R, k)
-        return self.own - ((t @ minv) * t).sum(1)
+            return LayerMemory(dense, pending, bu, own, alone, rows, owners)
+        r = len(owners)
+        dense = torch.addmm(dense, a, b.T, alpha=-1)
+        h = torch.addmm(rows.h[:, :r], a, bu, alpha=-1)
+        return LayerMemory(dense, _no_pending(dense), bu.new_zeros(0, r), own, alone,
+                           _Rows.of(rows.keys[:r], rows.values[:r], h, max(64, 2 * r)), owners)
 
 
-MEMORY = ("mend_p", "mend_keys", "mend_own", "mend_values", "mend_scale", "mend_pa", "mend_pb")  # buffer names on each edited layer
+def _no_pending(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    none = like.new_zeros(like.shape[0], 0)
+    return none, none
+
+
+MEMORY = ("mend_h", "mend_own", "mend_values", "mend_scale", "mend_pa", "mend_pbu")  # buffer names on each edited layer
 
 
 def memory_names(module_name: str) -> tuple[str, ...]:
-    """The override names of a layer's memory for `functional_call`: P's dense part F (fan_in, fan_in),
-    keys U (R, fan_in), own shares c(u) (R,), values D (R, fan_out), the rows' `crowding` scales (R,)
-    and P's pending corrections A, B (fan_in, r): P = F − A Bᵀ (`LayerMemory`)."""
+    """The override names of a layer's memory for `functional_call`: H = F Uᵀ (fan_in, R), own shares
+    c(u) (R,), values D (R, fan_out), the rows' `crowding` scales (R,), and P's pending corrections A
+    (fan_in, r) with Bᵀ Uᵀ (r, R): c(x) = x P Uᵀ = x H − (x A)(Bᵀ Uᵀ) (`LayerMemory`)."""
     return tuple(f"{module_name}.{attr}" for attr in MEMORY)
 
 
-def gated(x: torch.Tensor, p: torch.Tensor, keys: torch.Tensor, own: torch.Tensor, values: torch.Tensor,
-          threshold: float, scale: torch.Tensor | None = None,
-          pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Σ_j c_j [|c_j| ≥ τ c_j(u_j)] s_j d_j, c = x P Uᵀ, for inputs x (..., fan_in): what the memory adds to a
-    layer's output (s: the rows' `crowding` scales, default 1; P = p − A Bᵀ with `pending` (A, B)).
-    Only the rows that fire for some input enter the product with D (an unrelated input fires few)."""
+def gated(x: torch.Tensor, h: torch.Tensor, own: torch.Tensor, values: torch.Tensor, threshold: float,
+          scale: torch.Tensor | None = None, pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Σ_j c_j [|c_j| ≥ τ c_j(u_j)] s_j d_j, c = x H − (x A)(Bᵀ Uᵀ) = x P Uᵀ, for inputs x (..., fan_in): what
+    the memory adds to a layer's output (h: H = P Uᵀ when there are no corrections; `pending`: (A, Bᵀ Uᵀ);
+    s: the rows' `crowding` scales, default 1). Only the rows that fire for some input enter the
+    product with D (an unrelated input fires few)."""
     x = x.float()
-    xp = x @ p
+    c = x @ h  # (..., R)
     if pending is not None and pending[0].shape[1]:
-        xp = xp - (x @ pending[0]) @ pending[1].T
-    c = xp @ keys.T  # (..., R)
+        c = c - (x @ pending[0]) @ pending[1]
     fired = c.abs() >= threshold * own
-    live = fired.flatten(0, -2).any(0)
-    written = c[..., live] * fired[..., live]
-    return (written if scale is None else written * scale[live]) @ values[live]
+    live = fired.flatten(0, -2).any(0).nonzero().squeeze(1)  # one index for the four selections below
+    written = c.index_select(-1, live) * fired.index_select(-1, live)
+    if scale is not None:
+        written = written * scale.index_select(0, live)
+    return written @ values.index_select(0, live)
 
 
 def _memory_hook(module, inputs, output):
-    if module.mend_keys.shape[0] == 0:
+    if module.mend_own.shape[0] == 0:
         return output
-    return output + gated(inputs[0], module.mend_p, module.mend_keys, module.mend_own, module.mend_values,
-                          module.mend_gate, module.mend_scale, (module.mend_pa, module.mend_pb)).to(output.dtype)
+    return output + gated(inputs[0], module.mend_h, module.mend_own, module.mend_values, module.mend_gate,
+                          module.mend_scale, (module.mend_pa, module.mend_pbu)).to(output.dtype)
 
 
 def empty_memory(fan_in: int, fan_out: int, device=None) -> tuple[torch.Tensor, ...]:
     """The buffers of a memory without rows (the base model)."""
-    return (torch.zeros(0, 0, device=device), torch.zeros(0, fan_in, device=device), torch.zeros(0, device=device),
-            torch.zeros(0, fan_out, device=device), torch.zeros(0, device=device), *no_pending(fan_in, device))
-
-
-def no_pending(fan_in: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The corrections A, B of a memory whose P is all dense (fan_in, 0)."""
-    return torch.zeros(fan_in, 0, device=device), torch.zeros(fan_in, 0, device=device)
+    return (torch.zeros(fan_in, 0, device=device), torch.zeros(0, device=device), torch.zeros(0, fan_out, device=device),
+            torch.zeros(0, device=device), torch.zeros(fan_in, 0, device=device), torch.zeros(0, 0, device=device))
 
 
 def _attach(module: torch.nn.Module, fan_in: int, fan_out: int) -> None:
-    if not hasattr(module, "mend_keys"):
+    if not hasattr(module, "mend_own"):
         for attr, tensor in zip(MEMORY, empty_memory(fan_in, fan_out, module.weight.device)):
             module.register_buffer(attr, tensor, persistent=False)
         module.register_forward_hook(_memory_hook)
@@ -326,7 +332,7 @@ def attach_memory(model: torch.nn.Module, targets, threshold: float) -> None:
 def memories(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{override name: tensor} of every non-empty edit memory of `model`."""
     return {f"{name}.{attr}": getattr(m, attr) for name, m in model.named_modules()
-            if getattr(m, "mend_keys", None) is not None and m.mend_keys.shape[0] > 0 for attr in MEMORY}
+            if getattr(m, "mend_own", None) is not None and m.mend_own.shape[0] > 0 for attr in MEMORY}
 
 
 MEMORY_FILE = "edit_memory.safetensors"
@@ -356,14 +362,18 @@ def load_memory(model: torch.nn.Module, path: str | Path) -> bool:
     modules = dict(model.named_modules())
     for name, gate in gates.items():
         module = modules[name]
-        _attach(module, tensors[f"{name}.mend_keys"].shape[1], tensors[f"{name}.mend_values"].shape[1])
+        t = {attr: tensors.get(f"{name}.{attr}") for attr in ("mend_p", "mend_keys", *MEMORY)}
+        if t["mend_h"] is None:  # saved when the layer held P and the keys: H = P Uᵀ, no corrections
+            t["mend_h"], t["mend_pa"], t["mend_pbu"] = t["mend_p"] @ t["mend_keys"].T, *no_pending(t["mend_keys"].shape[1], t["mend_own"].shape[0])
+        if t["mend_scale"] is None:  # saved before the crowding scales: every row's is 1
+            t["mend_scale"] = torch.ones(t["mend_own"].shape[0])
+        _attach(module, t["mend_h"].shape[0], t["mend_values"].shape[1])
         module.mend_gate = float(gate)
-        if f"{name}.mend_scale" not in tensors:  # saved before the crowding scales: every row's is 1
-            tensors[f"{name}.mend_scale"] = torch.ones(tensors[f"{name}.mend_own"].shape[0])
-        if f"{name}.mend_pa" not in tensors:  # saved before P had pending corrections: all dense
-            tensors[f"{name}.mend_pa"], tensors[f"{name}.mend_pb"] = no_pending(tensors[f"{name}.mend_keys"].shape[1])
         for attr in MEMORY:
-            tensor = tensors[f"{name}.{attr}"].to(module.weight.device)
-            # the keys in the served layout (`_Rows.keys32`): the same products, bit for bit, as before saving
-            setattr(module, attr, tensor.T.contiguous().T if attr == "mend_keys" else tensor)
+            setattr(module, attr, t[attr].to(module.weight.device))
     return True
+
+
+def no_pending(fan_in: int, rows: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buffers A (fan_in, 0) and Bᵀ Uᵀ (0, rows) of a memory without pending corrections."""
+    return torch.zeros(fan_in, 0, device=device, dtype=dtype), torch.zeros(0, rows, device=device, dtype=dtype)

@@ -193,7 +193,7 @@ class MendEditor(nn.Module):
 
     def memory(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: list[int]) -> dict[str, torch.Tensor]:
         """The gated edit memory of one update (`mend.aggregation`): {override name: tensor} of every
-        target (P, U, c(u), D over each edit's kept rows and their crowding scales); `rows`: the number
+        target (H = P Uᵀ, c(u), D over each edit's kept rows, their crowding scales, no corrections); `rows`: the number
         of token rows of each edit, in order. Differentiable in the editor, λ_l and μ_l (meta-training
         with `train.gated`)."""
         out, kv = {}, self.key_values(factors)
@@ -207,8 +207,8 @@ class MendEditor(nn.Module):
             own = own_shares(u, p)
             alone = alone_shares(u, owners, a0inv.float()) if self.cfg.compensate else own  # unread with γ = 0
             scale = crowding(alone, own, self.cfg.compensate)
-            out.update(zip(memory_names(t.name), (p.to(u.dtype), u, own.to(u.dtype), d, scale.to(u.dtype),
-                                                  *no_pending(u.shape[1], u.device))))
+            out.update(zip(memory_names(t.name), ((p @ u.double().T).to(u.dtype), own.to(u.dtype), d, scale.to(u.dtype),
+                                                  *no_pending(u.shape[1], u.shape[0], u.device, u.dtype))))
         return out
 
     def base_eigen(self, param_name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,6 +108,7 @@ class EditableModel:
         self._systems = {name: a.detach().double().to(device[name]) for name, a in (base_systems or {}).items()}
         self._base = {name: LayerMemory.fresh(a, a.new_zeros(0, a.shape[0]), a.new_zeros(0, self.targets[name].fan_out))
                       for name, a in self._systems.items()}
+        self._a0inv32 = {name: m.dense.float() for name, m in self._base.items()}  # A₀⁻¹ for `alone_shares`
         self.active: dict[int, KeyValues] = {}
         self.memories = dict(self._base)
         self.lock = ReadWriteLock()
@@ -147,10 +148,9 @@ class EditableModel:
                     mem = mem.added(*self._rows(new, name, device))
                 memories[name] = mem
         # P's dense part is an earlier P, symmetric positive definite, so its largest entries are on its
-        # diagonal: a finite float32 diagonal, finite corrections and finite shares (which every non-finite
-        # Woodbury factor reaches) mean a finite P. One test for all layers; the layer is looked up only when it fails.
-        checked = {name: torch.cat([m.dense32.diagonal().double(), m.own, *(x.sum(0) for x in m.pending)])
-                   for name, m in memories.items()}
+        # diagonal: a finite diagonal, finite corrections and finite shares (which every non-finite Woodbury
+        # factor reaches) mean a finite memory. One test for all layers; the layer is looked up only when it fails.
+        checked = {name: torch.cat([m.dense.diagonal(), m.own, m.pending[0].sum(0), m.bu.sum(1)]) for name, m in memories.items()}
         if not all_finite({"all": torch.cat(list(checked.values()))}):
             name = next(n for n, c in checked.items() if not all_finite({n: c}))
             raise UnstableEditError(f"the combined update of {name} is not finite; nothing was changed")
@@ -211,5 +211,5 @@ class EditableModel:
         owners = tuple(s for s, (u, _) in picked.items() for _ in range(u.shape[0]))
         keys = torch.cat([u for u, _ in picked.values()]).to(device)
         # the alone shares only scale rows when γ > 0; without it they are never read (no pass over A₀⁻¹)
-        alone = alone_shares(keys, owners, self._base[name].dense32) if self.compensate else keys.new_ones(len(owners), dtype=torch.float64)
+        alone = alone_shares(keys, owners, self._a0inv32[name]) if self.compensate else keys.new_ones(len(owners), dtype=torch.float64)
         return keys, torch.cat([d for _, d in picked.values()]).to(device), owners, alone

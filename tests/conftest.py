@@ -72,19 +72,19 @@ def _same_up_to_rounding(a, b):
     """Equal to within one float32 rounding step of each tensor. The same active set reached in another
     order gives the same float64 memory (P, the rows' shares) to ~1e-12 relative
     (tests/test_aggregation.py); its float32 copy can then only differ where that last rounding fell
-    differently. A layer holds P as a dense part F and corrections A, B (P = F − A Bᵀ, `LayerMemory`),
-    split where that history folded them: P itself is compared, to within the rounding of F to float32
-    (half a step on each side) and of A and B (2⁻²³ |A| |B|ᵀ on each side)."""
+    differently. A layer holds P Uᵀ as H and corrections A, Bᵀ Uᵀ (P Uᵀ = H − A Bᵀ Uᵀ, `LayerMemory`),
+    split where that history folded them: P Uᵀ itself is compared, to within the rounding of H to
+    float32 (half a step on each side) and of A and Bᵀ Uᵀ (2⁻²³ |A| |Bᵀ Uᵀ| on each side)."""
     assert a.keys() == b.keys()
     for k in a:
-        if k.endswith(".mend_pa") or k.endswith(".mend_pb"):
+        if k.endswith(".mend_pa") or k.endswith(".mend_pbu"):
             continue
-        if k.endswith(".mend_p") and a[k].numel():
-            layer = k[: -len("p")]
-            (pa, fa, ea), (pb, fb, eb) = ((s[k].double() - s[layer + "pa"].double() @ s[layer + "pb"].double().T, s[k],
-                                           s[layer + "pa"].double().abs() @ s[layer + "pb"].double().abs().T) for s in (a, b))
-            bound = (_step(fa) + _step(fb)).double() / 2 + 2.0**-23 * (ea + eb)
-            assert bool(((pa - pb).abs() <= bound).all()), k
+        if k.endswith(".mend_h"):
+            layer = k[: -len("h")]
+            (pa, ha, ea), (pb, hb, eb) = ((s[k].double() - s[layer + "pa"].double() @ s[layer + "pbu"].double(), s[k],
+                                           s[layer + "pa"].double().abs() @ s[layer + "pbu"].double().abs()) for s in (a, b))
+            bound = (_step(ha) + _step(hb)).double() / 2 + 2.0**-23 * (ea + eb)
+            assert pa.shape == pb.shape and bool(((pa - pb).abs() <= bound).all()), k
             continue
         assert bool(((a[k] - b[k]).abs() <= _step(b[k])).all()), k
 

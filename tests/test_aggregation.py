@@ -82,26 +82,26 @@ def test_adding_and_removing_edits_one_by_one_matches_a_fresh_memory_in_any_orde
     torch.testing.assert_close(without_first.P, again.P, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(without_first.own, again.own, rtol=1e-10, atol=1e-12)
     assert forward.pending[0].shape[1] == (25 if pending == 64 else 0)  # 5 + 7 + 13 rows; with at most 4 every step folds
-    # the layer reads P as its dense part and the corrections: what it writes is what the whole P writes
-    p, keys, own, values, scale, a, b = forward.buffers()
+    # the layer reads H = F Uᵀ and the corrections: what it writes is what P Uᵀ writes
+    h, own, values, scale, a, bu = forward.buffers()
     x = torch.randn(4, 24)
-    torch.testing.assert_close(gated(x, p, keys, own, values, 0.5, scale, (a, b)),
-                               gated(x, forward.P.float(), keys, own, values, 0.5, scale), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gated(x, h, own, values, 0.5, scale, (a, bu)),
+                               gated(x, (forward.P @ forward.keys.T).float(), own, values, 0.5, scale), rtol=1e-4, atol=1e-5)
 
 
 def test_crowded_rows_write_more_of_their_value_than_the_solve_leaves_them():
     base, edits = problem()
     alone = fresh(base, edits[:1], [0])
     torch.testing.assert_close(alone.alone, alone.own, rtol=1e-5, atol=0)  # one edit: its shares are its alone shares
-    torch.testing.assert_close(alone.buffers(0.3)[4], torch.ones(5), rtol=1e-5, atol=0)  # so it writes as before
+    torch.testing.assert_close(alone.buffers(0.3)[3], torch.ones(5), rtol=1e-5, atol=0)  # so it writes as before
     crowded = fresh(base, edits, range(3))
     assert bool((crowded.own < crowded.alone).all())  # the other edits' rows take part of each row's share
-    scale = crowded.buffers(0.3)[4]
+    scale = crowded.buffers(0.3)[3]
     torch.testing.assert_close(scale.double(), (crowded.alone / crowded.own) ** 0.3)
-    assert bool((scale > 1).all()) and torch.equal(crowded.buffers(0.0)[4], torch.ones(25))
+    assert bool((scale > 1).all()) and torch.equal(crowded.buffers(0.0)[3], torch.ones(25))
     x = crowded.keys[:1].float()
-    p, keys, own, values, *_ = crowded.buffers()
-    torch.testing.assert_close(gated(x, p, keys, own, values, 0.5, scale), gated(x, p, keys, own, values * scale[:, None], 0.5))
+    h, own, values, *_ = crowded.buffers()
+    torch.testing.assert_close(gated(x, h, own, values, 0.5, scale), gated(x, h, own, values * scale[:, None], 0.5))
     torch.testing.assert_close(crowding(crowded.alone, crowded.own, 1.0) * crowded.own, crowded.alone)
 
 
@@ -115,14 +115,13 @@ def test_a_proposal_from_an_older_memory_does_not_overwrite_a_newer_ones_rows():
 
 
 def test_the_gate_writes_only_rows_whose_share_reaches_the_threshold():
-    p = torch.eye(4)
-    keys = torch.eye(4)[:3]  # three rows whose coefficients at x are x's first three coordinates, own share 1
+    h = torch.eye(4)[:, :3]  # P = I, three rows whose coefficients at x are x's first three coordinates, own share 1
     own = torch.ones(3)
     values = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     x = torch.tensor([[0.9, -0.5, 0.1, 7.0]])
-    torch.testing.assert_close(gated(x, p, keys, own, values, 0.0), x[:, :3] @ values)  # no gate: the linear update
-    torch.testing.assert_close(gated(x, p, keys, own, values, 0.3), torch.tensor([[0.9, -0.5]]))  # row 3 (0.1) stays silent
-    torch.testing.assert_close(gated(x, p, keys, 0.1 * own, values, 0.3), x[:, :3] @ values)  # relative to the row's own share
+    torch.testing.assert_close(gated(x, h, own, values, 0.0), x[:, :3] @ values)  # no gate: the linear update
+    torch.testing.assert_close(gated(x, h, own, values, 0.3), torch.tensor([[0.9, -0.5]]))  # row 3 (0.1) stays silent
+    torch.testing.assert_close(gated(x, h, 0.1 * own, values, 0.3), x[:, :3] @ values)  # relative to the row's own share
 
 
 def test_select_rows_keeps_each_edits_strong_rows():

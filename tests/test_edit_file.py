@@ -98,5 +98,5 @@ def test_server_and_local_give_the_same_weights_for_the_same_file(tmp_path, worl
     assert main(["edit", str(edits), "--out", str(local_out), "--batch-size", "2", "--continue-on-error",
                  "--results", str(tmp_path / "local.jsonl"), *common]) == 1
     local = edited_state(load_model(local_out, device="cpu")[0])  # the saved weights and edit memory
-    assert served.keys() == local.keys() and any("mend_keys" in k for k in local)
+    assert served.keys() == local.keys() and any("mend_h" in k for k in local)
     assert all(torch.equal(served[k], local[k]) for k in served)

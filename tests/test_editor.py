@@ -45,14 +45,14 @@ def test_zero_step_changes_nothing_and_nonzero_step_changes_predictions(fixture,
 
     zero = MendMethod(warmed_editor(model, tok, targets, 0.0)).deltas(model, tok, [EDIT])
     assert set(zero) == {n for t in targets for n in memory_names(t.name)}  # MEND edits the layers' memories
-    assert all(float(zero[memory_names(t.name)[3]].abs().max()) == 0.0 for t in targets)  # values D = 0
+    assert all(float(zero[memory_names(t.name)[2]].abs().max()) == 0.0 for t in targets)  # values D = 0
 
     editor = warmed_editor(model, tok, targets, 1.0)
     deltas = MendMethod(editor).deltas(model, tok, [EDIT])
     for t in targets:
-        p, keys, own, values, scale, *_ = (deltas[n] for n in memory_names(t.name))
-        assert p.shape == (t.fan_in, t.fan_in) and values.shape[1] == t.fan_out and keys.shape == (own.shape[0], t.fan_in)
-        assert keys.shape[0] == values.shape[0] == scale.shape[0] >= 1
+        h, own, values, scale, *_ = (deltas[n] for n in memory_names(t.name))
+        assert h.shape == (t.fan_in, own.shape[0]) and values.shape[1] == t.fan_out
+        assert own.shape[0] == values.shape[0] == scale.shape[0] >= 1
     after = torch.func.functional_call(model, edited_weights(model, deltas), (batch.input_ids,)).logits
     assert not torch.allclose(before, after)
     assert torch.equal(model(input_ids=batch.input_ids).logits, before)  # the model itself is unchanged
@@ -107,8 +107,8 @@ def test_a_batch_is_one_least_squares_update_over_every_edits_rows(gpt2):
             torch.testing.assert_close(kv[name][0], single[name][0])
             torch.testing.assert_close(kv[name][1], single[name][1], rtol=1e-4, atol=1e-9)
         s = solve(editor.base_eigen(name), keys, values).float()
-        p, u, _, d, *_ = (both[n] for n in memory_names(t.name))
-        torch.testing.assert_close(p @ u.T @ d, s, rtol=1e-4, atol=1e-6)  # without the gate, the memory writes x S
+        h, _, d, *_ = (both[n] for n in memory_names(t.name))
+        torch.testing.assert_close(h @ d, s, rtol=1e-4, atol=1e-6)  # without the gate, the memory (H = P Uᵀ) writes x S
         assert torch.linalg.norm(keys @ s - values) < torch.linalg.norm(values)  # the solve moves outputs towards d
 
 

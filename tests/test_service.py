@@ -24,14 +24,16 @@ def weights(service):
 
 
 def rows_in_one_order(state):
-    """`state` with each memory's rows (key, own share, value, scale) sorted by their values: the same rows
-    that came in another order compare equal."""
+    """`state` with each memory's rows (own share, value, scale; their columns of H and Bᵀ Uᵀ) sorted by
+    their values: the same rows that came in another order compare equal."""
     out = dict(state)
-    for name in [k[: -len(".mend_keys")] for k in state if k.endswith(".mend_keys")]:
+    for name in [k[: -len(".mend_values")] for k in state if k.endswith(".mend_values")]:
         values = state[f"{name}.mend_values"]
         order = torch.argsort(values.double() @ torch.linspace(1, 2, values.shape[1], dtype=torch.float64))
-        for attr in ("mend_keys", "mend_own", "mend_values", "mend_scale"):
+        for attr in ("mend_own", "mend_values", "mend_scale"):
             out[f"{name}.{attr}"] = state[f"{name}.{attr}"][order]
+        for attr in ("mend_h", "mend_pbu"):
+            out[f"{name}.{attr}"] = state[f"{name}.{attr}"][:, order]
     return out
 
 
