@@ -265,8 +265,9 @@ class LayerMemory:
                            _Rows.of(rows.keys[:r], rows.values[:r], h, max(64, 2 * r)), owners)
 
 
-def _no_pending(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    none = like.new_zeros(like.shape[0], 0)
+def _no_pending(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The corrections (A, B) of a P that is all dense: (fan_in, 0) each, float64."""
+    none = p.new_zeros(p.shape[0], 0)
     return none, none
 
 
@@ -308,7 +309,12 @@ def _memory_hook(module, inputs, output):
 def empty_memory(fan_in: int, fan_out: int, device=None) -> tuple[torch.Tensor, ...]:
     """The buffers of a memory without rows (the base model)."""
     return (torch.zeros(fan_in, 0, device=device), torch.zeros(0, device=device), torch.zeros(0, fan_out, device=device),
-            torch.zeros(0, device=device), torch.zeros(fan_in, 0, device=device), torch.zeros(0, 0, device=device))
+            torch.zeros(0, device=device), *no_pending(fan_in, 0, device))
+
+
+def no_pending(fan_in: int, rows: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buffers A (fan_in, 0) and Bᵀ Uᵀ (0, rows) of a memory without pending corrections."""
+    return torch.zeros(fan_in, 0, device=device, dtype=dtype), torch.zeros(0, rows, device=device, dtype=dtype)
 
 
 def _attach(module: torch.nn.Module, fan_in: int, fan_out: int) -> None:
@@ -364,7 +370,8 @@ def load_memory(model: torch.nn.Module, path: str | Path) -> bool:
         module = modules[name]
         t = {attr: tensors.get(f"{name}.{attr}") for attr in ("mend_p", "mend_keys", *MEMORY)}
         if t["mend_h"] is None:  # saved when the layer held P and the keys: H = P Uᵀ, no corrections
-            t["mend_h"], t["mend_pa"], t["mend_pbu"] = t["mend_p"] @ t["mend_keys"].T, *no_pending(t["mend_keys"].shape[1], t["mend_own"].shape[0])
+            t["mend_h"] = t["mend_p"] @ t["mend_keys"].T
+            t["mend_pa"], t["mend_pbu"] = no_pending(*t["mend_h"].shape)
         if t["mend_scale"] is None:  # saved before the crowding scales: every row's is 1
             t["mend_scale"] = torch.ones(t["mend_own"].shape[0])
         _attach(module, t["mend_h"].shape[0], t["mend_values"].shape[1])
@@ -373,7 +380,3 @@ def load_memory(model: torch.nn.Module, path: str | Path) -> bool:
             setattr(module, attr, t[attr].to(module.weight.device))
     return True
 
-
-def no_pending(fan_in: int, rows: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The buffers A (fan_in, 0) and Bᵀ Uᵀ (0, rows) of a memory without pending corrections."""
-    return torch.zeros(fan_in, 0, device=device, dtype=dtype), torch.zeros(0, rows, device=device, dtype=dtype)
