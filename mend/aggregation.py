@@ -219,7 +219,7 @@ class LayerMemory:
         u = keys.double()
         fu, btu, pu, g, minv, t = self._step(u, +1)
         bu = torch.cat([torch.cat([self.bu, btu], 1), torch.cat([t.T, g.T], 1)])  # B'ᵀ U'ᵀ, no new product
-        return self._with(self.dense, self._corrections(pu, minv), bu,
+        return self._with(self._corrections(pu, minv), bu,
                           torch.cat([self.own - ((t @ minv) * t).sum(1), 1 - minv.diagonal()]),
                           torch.cat([self.alone, alone.double()]), self.rows.appended(len(self.owners), keys, values, fu),
                           self.owners + owners)
@@ -230,7 +230,7 @@ class LayerMemory:
         kept = [i for i, o in enumerate(self.owners) if o not in gone]
         _, _, pu, _, minv, t = self._step(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
         rows = _Rows.of(self.rows.keys[kept], self.rows.values[kept], self.rows.h[:, kept], max(64, 2 * len(kept)))
-        return self._with(self.dense, self._corrections(pu, minv), torch.cat([self.bu[:, kept], t[kept].T]),
+        return self._with(self._corrections(pu, minv), torch.cat([self.bu[:, kept], t[kept].T]),
                           (self.own - ((t @ minv) * t).sum(1))[kept], self.alone[kept], rows,
                           tuple(self.owners[i] for i in kept))
 
@@ -251,15 +251,15 @@ class LayerMemory:
         a, b = self.pending
         return torch.cat([a, pu @ minv], 1), torch.cat([b, pu], 1)
 
-    def _with(self, dense, pending, bu, own, alone, rows, owners) -> "LayerMemory":
+    def _with(self, pending, bu, own, alone, rows, owners) -> "LayerMemory":
         """A memory with these corrections, folded when there are more than `PENDING` columns:
         F' = F − A Bᵀ and H' = F' Uᵀ = H − A (Bᵀ Uᵀ) (addmm: one pass over each, ~15x faster on CPU
         than F − A @ Bᵀ), in new row storage."""
         a, b = pending
         if a.shape[1] <= PENDING:
-            return LayerMemory(dense, pending, bu, own, alone, rows, owners)
+            return LayerMemory(self.dense, pending, bu, own, alone, rows, owners)
         r = len(owners)
-        dense = torch.addmm(dense, a, b.T, alpha=-1)
+        dense = torch.addmm(self.dense, a, b.T, alpha=-1)
         h = torch.addmm(rows.h[:, :r], a, bu, alpha=-1)
         return LayerMemory(dense, _no_pending(dense), bu.new_zeros(0, r), own, alone,
                            _Rows.of(rows.keys[:r], rows.values[:r], h, max(64, 2 * r)), owners)

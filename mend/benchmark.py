@@ -54,7 +54,8 @@ def service_benchmark(open_service, forward_backward, timed: list[EditRecord], a
     new buffers, as ApplyEdit makes them), `apply_edit_s` (a whole ApplyEdit: metrics, journal and
     write; each is rolled back untimed), `apply_edit_no_metrics_s` (the same without metrics, as for
     bulk loads). `forward_backward(record) -> seconds` (on the base model) is timed right before each
-    bare edit: `forward_backward_s` and `bare_over_forward_backward`, the median of the per-edit ratios. `apply_ratio`: the median over records of ApplyEdit with len(active) / with 0.
+    bare edit: `forward_backward_s` and `bare_over_forward_backward`, the median of the per-edit
+    ratios. `apply_ratio`: the median over records of ApplyEdit with len(active) / with 0.
     `replay_s`: reopening the journal of len(active) edits. `open_service(name)` opens the service on
     the scratch journal `name` ("empty" or "loaded"); `timed` and `active` are distinct facts."""
     n = str(len(active))

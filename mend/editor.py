@@ -193,9 +193,9 @@ class MendEditor(nn.Module):
 
     def memory(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: list[int]) -> dict[str, torch.Tensor]:
         """The gated edit memory of one update (`mend.aggregation`): {override name: tensor} of every
-        target (H = P Uᵀ, c(u), D over each edit's kept rows, their crowding scales, no corrections); `rows`: the number
-        of token rows of each edit, in order. Differentiable in the editor, λ_l and μ_l (meta-training
-        with `train.gated`)."""
+        target (H = P Uᵀ, c(u), D over each edit's kept rows, their crowding scales, no corrections);
+        `rows`: the number of token rows of each edit, in order. Differentiable in the editor, λ_l and
+        μ_l (meta-training with `train.gated`)."""
         out, kv = {}, self.key_values(factors)
         for t in self.targets:
             u, d = kv[t.param_name]

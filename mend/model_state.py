@@ -206,7 +206,7 @@ class EditableModel:
 
     def _rows(self, edits: dict[int, KeyValues], name: str, device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], torch.Tensor]:
         """The kept rows (`select_rows`) of `edits` for one layer, stacked in order, on `device`, each
-        row's edit and its `alone_shares` (A₀⁻¹ is the base memory's P)."""
+        row's edit and its `alone_shares` (from A₀⁻¹, the base memory's P, in float32)."""
         picked = {s: select_rows(*kv[name], self.keep) for s, kv in edits.items()}
         owners = tuple(s for s, (u, _) in picked.items() for _ in range(u.shape[0]))
         keys = torch.cat([u for u, _ in picked.values()]).to(device)
