@@ -119,36 +119,67 @@ def crowding(alone: torch.Tensor, own: torch.Tensor, compensate: float) -> torch
 
 
 @dataclass
-class _Rows:
-    """Append-only storage of one layer's rows, shared by successive `LayerMemory` versions with the
-    same dense part F: rows [0, R) are a memory's own, so a memory may append in place only while
-    nothing was appended after its R (a sibling proposal copies instead). Appending k rows then costs
-    O(k), not O(R)."""
+class _Store:
+    """Append-only storage of one layer's rows and of P's corrections, shared by successive
+    `LayerMemory` versions with the same dense part F. A memory owns rows [0, R) and corrections
+    [0, r), so it may append in place only while nothing was appended after them (a sibling proposal
+    copies instead). Appending k rows and their k corrections then costs O(k (fan_in + R)), not O(fan_in R).
+    The float32 copies are what the layer reads."""
 
-    keys: torch.Tensor  # (capacity, n) float64
-    values: torch.Tensor  # (capacity, m) float32
-    h: torch.Tensor  # (n, capacity) float64: F u_jᵀ, one column per row
-    h32: torch.Tensor  # (n, capacity) float32: what the layer reads
-    used: int = 0
+    keys: torch.Tensor  # (rows capacity, n) float64
+    values: torch.Tensor  # (rows capacity, m) float32
+    h: torch.Tensor  # (n, rows capacity) float64: F u_jᵀ, one column per row
+    h32: torch.Tensor  # (n, rows capacity) float32
+    a: torch.Tensor  # (n, corrections capacity) float64
+    b: torch.Tensor  # (n, corrections capacity) float64
+    a32: torch.Tensor  # (n, corrections capacity) float32
+    bu: torch.Tensor  # (corrections capacity, rows capacity) float64: Bᵀ Uᵀ
+    bu32: torch.Tensor  # (corrections capacity, rows capacity) float32
+    used: tuple[int, int] = (0, 0)  # (rows, corrections)
 
     @classmethod
-    def of(cls, keys: torch.Tensor, values: torch.Tensor, h: torch.Tensor, capacity: int) -> "_Rows":
-        r, n, m = keys.shape[0], keys.shape[1], values.shape[1]
-        # uninitialised: only rows [0, used) are ever read (zero-filling the capacity took as long as the copy)
-        out = cls(keys.new_empty(capacity, n, dtype=torch.float64), values.new_empty(capacity, m, dtype=torch.float32),
-                  keys.new_empty(n, capacity, dtype=torch.float64), keys.new_empty(n, capacity, dtype=torch.float32), r)
-        out.keys[:r], out.values[:r], out.h[:, :r], out.h32[:, :r] = keys, values, h, h
+    def of(cls, keys: torch.Tensor, values: torch.Tensor, h: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+           bu: torch.Tensor | None = None, extra: int = 0) -> "_Store":
+        """New storage holding these rows (and corrections: `pending` (A, B), `bu` Bᵀ Uᵀ), with room for
+        at least `extra` more of each."""
+        (rows, n), m = keys.shape, values.shape[1]
+        a, b = pending if pending is not None else (h.new_zeros(n, 0), h.new_zeros(n, 0))
+        r = a.shape[1]
+        cap_rows, cap_r = max(64, 2 * (rows + extra)), max(2 * PENDING, 2 * (r + extra))
+        # uninitialised: only [0, used) is ever read (zero-filling the capacity took as long as the copy)
+        new = keys.new_empty
+        out = cls(new(cap_rows, n, dtype=torch.float64), values.new_empty(cap_rows, m, dtype=torch.float32),
+                  new(n, cap_rows, dtype=torch.float64), new(n, cap_rows, dtype=torch.float32),
+                  new(n, cap_r, dtype=torch.float64), new(n, cap_r, dtype=torch.float64), new(n, cap_r, dtype=torch.float32),
+                  new(cap_r, cap_rows, dtype=torch.float64), new(cap_r, cap_rows, dtype=torch.float32), (rows, r))
+        out.keys[:rows], out.values[:rows], out.h[:, :rows], out.h32[:, :rows] = keys, values, h, h
+        out.a[:, :r], out.b[:, :r], out.a32[:, :r] = a, b, a
+        if bu is not None:
+            out.bu[:r, :rows], out.bu32[:r, :rows] = bu, bu
         return out
 
-    def appended(self, r: int, keys: torch.Tensor, values: torch.Tensor, h: torch.Tensor) -> "_Rows":
-        """Storage whose rows [0, r) are these and [r, r + k) the given ones."""
+    def view(self, rows: int, r: int) -> tuple[torch.Tensor, ...]:
+        """(keys, values, H, (A, B), Bᵀ Uᵀ) of the first `rows` rows and `r` corrections, float64 but the values."""
+        return (self.keys[:rows], self.values[:rows], self.h[:, :rows], (self.a[:, :r], self.b[:, :r]), self.bu[:r, :rows])
+
+    def appended(self, rows: int, r: int, keys: torch.Tensor, values: torch.Tensor, fu: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, btu: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> "_Store":
+        """Storage whose first `rows` rows and `r` corrections are these, followed by k new rows (keys,
+        values, their columns F Uₖᵀ of H) and k corrections (columns a, b of A, B), with the new parts of
+        Bᵀ Uᵀ: Bᵀ Uₖᵀ (`btu`, r x k) beside the old rows' columns and the new corrections' rows
+        (t = U P Uₖᵀ over the old rows, g = Uₖ P Uₖᵀ) below."""
         k = keys.shape[0]
-        rows = self
-        if self.used != r or r + k > self.keys.shape[0]:
-            rows = _Rows.of(self.keys[:r], self.values[:r], self.h[:, :r], max(64, 2 * (r + k)))
-        rows.keys[r : r + k], rows.values[r : r + k], rows.h[:, r : r + k], rows.h32[:, r : r + k] = keys.double(), values.float(), h, h
-        rows.used = r + k
-        return rows
+        out = self
+        if self.used != (rows, r) or rows + k > self.keys.shape[0] or r + k > self.a.shape[1]:
+            old_keys, old_values, h, pending, bu = self.view(rows, r)
+            out = _Store.of(old_keys, old_values, h, pending, bu, extra=k)
+        new_rows, new_r = slice(rows, rows + k), slice(r, r + k)
+        out.keys[new_rows], out.values[new_rows], out.h[:, new_rows], out.h32[:, new_rows] = keys.double(), values.float(), fu, fu
+        out.a[:, new_r], out.b[:, new_r], out.a32[:, new_r] = a, b, a
+        for bu in (out.bu, out.bu32):
+            bu[:r, new_rows], bu[new_r, :rows], bu[new_r, new_rows] = btu, t.T, g.T
+        out.used = (rows + k, r + k)
+        return out
 
 
 PENDING = 64  # columns of Woodbury corrections a memory may hold before folding them into its dense part
@@ -157,7 +188,7 @@ PENDING = 64  # columns of Woodbury corrections a memory may hold before folding
 @dataclass(frozen=True)
 class LayerMemory:
     """The edit memory of one layer for a set of edit rows: P = (A₀ + UᵀU)⁻¹, each row's own share
-    c_j(u_j), and the rows' keys U and values D (in `rows`, in the order they came); `owners` names
+    c_j(u_j), and the rows' keys U and values D (in `store`, in the order they came); `owners` names
     each row's edit.
 
     P is held as a dense part and the Woodbury corrections since it was last rewritten,
@@ -168,12 +199,19 @@ class LayerMemory:
     instead of a (fan_in, fan_in) and a (fan_in, R) one."""
 
     dense: torch.Tensor  # F (fan_in, fan_in) float64
-    pending: tuple[torch.Tensor, torch.Tensor]  # (A, B) (fan_in, r) float64
-    bu: torch.Tensor  # Bᵀ Uᵀ (r, R) float64
+    store: _Store  # rows [0, R) and corrections [0, `corrections`) are this memory's
+    corrections: int
     own: torch.Tensor  # (R,) float64
     alone: torch.Tensor  # (R,) float64: each row's own share with its edit alone (`alone_shares`)
-    rows: _Rows
     owners: tuple[int, ...] = ()
+
+    @property
+    def pending(self) -> tuple[torch.Tensor, torch.Tensor]:  # (A, B) (fan_in, r) float64
+        return self.store.view(len(self.owners), self.corrections)[3]
+
+    @property
+    def bu(self) -> torch.Tensor:  # Bᵀ Uᵀ (r, R) float64
+        return self.store.bu[: self.corrections, : len(self.owners)]
 
     @property
     def P(self) -> torch.Tensor:  # (fan_in, fan_in) float64
@@ -182,14 +220,14 @@ class LayerMemory:
 
     @property
     def keys(self) -> torch.Tensor:  # (R, fan_in) float64
-        return self.rows.keys[: len(self.owners)]
+        return self.store.keys[: len(self.owners)]
 
     def buffers(self, compensate: float = 0.0) -> tuple[torch.Tensor, ...]:
         """What the layer holds (`gated`, in `MEMORY` order), float32: H, c(u), D, the rows' `crowding`
         scales, A and Bᵀ Uᵀ."""
-        r = len(self.owners)
-        return (self.rows.h32[:, :r], self.own.float(), self.rows.values[:r], crowding(self.alone, self.own, compensate).float(),
-                self.pending[0].float(), self.bu.float())
+        rows, r, s = len(self.owners), self.corrections, self.store
+        return (s.h32[:, :rows], self.own.float(), s.values[:rows], crowding(self.alone, self.own, compensate).float(),
+                s.a32[:, :r], s.bu32[:r, :rows])
 
     @classmethod
     def fresh(cls, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...] | None = None,
@@ -205,8 +243,7 @@ class LayerMemory:
         # row-major P: cholesky_inverse returns it column-major, which makes every P @ Uᵀ ~15x slower
         p = torch.cholesky_inverse(chol).contiguous()
         own = own_shares(u, p)
-        return cls(p, _no_pending(p), p.new_zeros(0, u.shape[0]), own, own.clone() if alone is None else alone.double(),
-                   _Rows.of(u, values.float(), p @ u.T, max(64, 2 * u.shape[0])), owners)
+        return cls(p, _Store.of(u, values.float(), p @ u.T), 0, own, own.clone() if alone is None else alone.double(), owners)
 
     def added(self, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...], alone: torch.Tensor) -> "LayerMemory":
         """With k more rows, by one Woodbury step (A' = A + UₖᵀUₖ):
@@ -218,20 +255,20 @@ class LayerMemory:
         O(fan_in R k) for the other rows' shares."""
         u = keys.double()
         fu, btu, pu, g, minv, t = self._step(u, +1)
-        bu = torch.cat([torch.cat([self.bu, btu], 1), torch.cat([t.T, g.T], 1)])  # B'ᵀ U'ᵀ, no new product
-        return self._with(self._corrections(pu, minv), bu,
-                          torch.cat([self.own - ((t @ minv) * t).sum(1), 1 - minv.diagonal()]),
-                          torch.cat([self.alone, alone.double()]), self.rows.appended(len(self.owners), keys, values, fu),
-                          self.owners + owners)
+        rows, r = len(self.owners), self.corrections
+        store = self.store.appended(rows, r, keys, values, fu, pu @ minv, pu, btu, t, g)  # B'ᵀ U'ᵀ: no new product
+        return self._with(store, r + u.shape[0], torch.cat([self.own - ((t @ minv) * t).sum(1), 1 - minv.diagonal()]),
+                          torch.cat([self.alone, alone.double()]), self.owners + owners)
 
     def removed(self, gone: set[int]) -> "LayerMemory":
         """Without the rows of the edits in `gone`, by one Woodbury step (A' = A − UₖᵀUₖ, Uₖ their
         keys); the kept rows are copied to new storage."""
         kept = [i for i, o in enumerate(self.owners) if o not in gone]
         _, _, pu, _, minv, t = self._step(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
-        rows = _Rows.of(self.rows.keys[kept], self.rows.values[kept], self.rows.h[:, kept], max(64, 2 * len(kept)))
-        return self._with(self._corrections(pu, minv), torch.cat([self.bu[:, kept], t[kept].T]),
-                          (self.own - ((t @ minv) * t).sum(1))[kept], self.alone[kept], rows,
+        keys, values, h, (a, b), bu = self.store.view(len(self.owners), self.corrections)
+        store = _Store.of(keys[kept], values[kept], h[:, kept], (torch.cat([a, pu @ minv], 1), torch.cat([b, pu], 1)),
+                          torch.cat([bu[:, kept], t[kept].T]))
+        return self._with(store, self.corrections + pu.shape[1], (self.own - ((t @ minv) * t).sum(1))[kept], self.alone[kept],
                           tuple(self.owners[i] for i in kept))
 
     def _step(self, u: torch.Tensor, sign: int):
@@ -246,29 +283,15 @@ class LayerMemory:
         minv = torch.linalg.inv(g + sign * torch.eye(u.shape[0], dtype=u.dtype, device=u.device))
         return fu, btu, pu, g, minv, self.keys @ pu
 
-    def _corrections(self, pu: torch.Tensor, minv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The corrections with this step's P' = P − K (P Uₖᵀ)ᵀ, K = P Uₖᵀ M⁻¹."""
-        a, b = self.pending
-        return torch.cat([a, pu @ minv], 1), torch.cat([b, pu], 1)
-
-    def _with(self, pending, bu, own, alone, rows, owners) -> "LayerMemory":
-        """A memory with these corrections, folded when there are more than `PENDING` columns:
+    def _with(self, store: _Store, corrections: int, own, alone, owners) -> "LayerMemory":
+        """A memory on `store` with these corrections, folded when there are more than `PENDING`:
         F' = F − A Bᵀ and H' = F' Uᵀ = H − A (Bᵀ Uᵀ) (addmm: one pass over each, ~15x faster on CPU
-        than F − A @ Bᵀ), in new row storage."""
-        a, b = pending
-        if a.shape[1] <= PENDING:
-            return LayerMemory(self.dense, pending, bu, own, alone, rows, owners)
-        r = len(owners)
+        than F − A @ Bᵀ), in new storage."""
+        if corrections <= PENDING:
+            return LayerMemory(self.dense, store, corrections, own, alone, owners)
+        keys, values, h, (a, b), bu = store.view(len(owners), corrections)
         dense = torch.addmm(self.dense, a, b.T, alpha=-1)
-        h = torch.addmm(rows.h[:, :r], a, bu, alpha=-1)
-        return LayerMemory(dense, _no_pending(dense), bu.new_zeros(0, r), own, alone,
-                           _Rows.of(rows.keys[:r], rows.values[:r], h, max(64, 2 * r)), owners)
-
-
-def _no_pending(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The corrections (A, B) of a P that is all dense: (fan_in, 0) each, float64."""
-    none = p.new_zeros(p.shape[0], 0)
-    return none, none
+        return LayerMemory(dense, _Store.of(keys, values, torch.addmm(h, a, bu, alpha=-1)), 0, own, alone, owners)
 
 
 MEMORY = ("mend_h", "mend_own", "mend_values", "mend_scale", "mend_pa", "mend_pbu")  # buffer names on each edited layer
@@ -291,12 +314,11 @@ def gated(x: torch.Tensor, h: torch.Tensor, own: torch.Tensor, values: torch.Ten
     c = x @ h  # (..., R)
     if pending is not None and pending[0].shape[1]:
         c = c - (x @ pending[0]) @ pending[1]
-    fired = c.abs() >= threshold * own
-    live = fired.flatten(0, -2).any(0).nonzero().squeeze(1)  # one index for the four selections below
-    written = c.index_select(-1, live) * fired.index_select(-1, live)
+    written = torch.where(c.abs() >= threshold * own, c, 0)  # a row that fires writes c_j (≠ 0), others nothing
     if scale is not None:
-        written = written * scale.index_select(0, live)
-    return written @ values.index_select(0, live)
+        written = written * scale
+    live = written.flatten(0, -2).any(0).nonzero().squeeze(1)
+    return written.index_select(-1, live) @ values.index_select(0, live)
 
 
 def _memory_hook(module, inputs, output):

@@ -1,8 +1,10 @@
 """Capture each target layer's input `u` and output gradient `δ` for an edit's loss.
 
 For a linear layer y = W u, the gradient of the loss w.r.t. W is Σ_tokens u δᵀ (δ = ∂loss/∂y):
-the rank-1 factors MEND's editor transforms. Hooks live only inside `capture` and are always
-removed; captured tensors are returned in a dict, never stored on the model.
+the rank-1 factors MEND's editor transforms. δ is taken w.r.t. the layers' outputs, so that product
+(a (fan_in, fan_out) matrix per layer, most of a small model's backward) is never formed. Hooks
+live only inside `capture` and are always removed; captured tensors are returned in a dict, never
+stored on the model.
 """
 
 from __future__ import annotations
@@ -19,20 +21,25 @@ from mend.targets import EditTarget
 @dataclass
 class Factors:
     u: torch.Tensor | None = None  # (B, T, fan_in) layer input
-    delta: torch.Tensor | None = None  # (B, T, fan_out) gradient of the loss w.r.t. the layer output
+    output: torch.Tensor | None = None  # (B, T, fan_out) layer output, in the graph (grad mode only)
 
 
 @contextmanager
 def capture(model: torch.nn.Module, targets: list[EditTarget]):
-    """Yield {param_name: Factors}, filled by the forward pass (u) and the backward pass (δ)."""
+    """Yield {param_name: Factors}, filled by the forward pass. In grad mode each target's output is
+    kept to take gradients w.r.t. it; an output that nothing below requires grad for (the lowest
+    target of a frozen model) becomes a leaf that does, so every target above it is in the graph."""
     store = {t.param_name: Factors() for t in targets}
     handles = []
 
     def hook_for(key: str):
         def forward_hook(module, inputs, output):
             store[key].u = inputs[0].detach()
-            if output.requires_grad:
-                output.register_hook(lambda grad: setattr(store[key], "delta", grad.detach()))
+            if torch.is_grad_enabled():
+                if not output.requires_grad:
+                    output = output.detach().requires_grad_(True)
+                store[key].output = output
+                return output
 
         return forward_hook
 
@@ -51,23 +58,22 @@ def edit_factors(model, targets: list[EditTarget], batch: TargetBatch,
     tokens: {param_name: (u (N, fan_in), δ (N, fan_out))}.
 
     The loss sums each edit's mean target NLL, so δ for one edit does not shrink when it shares a
-    batch with others. Gradients are taken w.r.t. copies of the target weights; the model's own
-    parameters are never touched. `weights` overrides named parameters (the current edited
-    weights, for an edit on top of earlier ones). The LM head runs at the target positions only.
+    batch with others. The model's parameters are never touched. `weights` overrides named
+    parameters or buffers (the current edited weights, for an edit on top of earlier ones; the empty
+    memories of the base model). The LM head runs at the target positions only.
     """
-    weights = weights or {}
-    grad_weights = {t.param_name: (weights[t.param_name] if t.param_name in weights else model.get_parameter(t.param_name))
-                    .detach().requires_grad_(True) for t in targets}
     with torch.enable_grad(), capture(model, targets) as store:
-        loss = target_nll(logits(model, batch, {**weights, **grad_weights}, at=batch.target_mask), batch).sum()
-        torch.autograd.grad(loss, list(grad_weights.values()))
+        loss = target_nll(logits(model, batch, weights or None, at=batch.target_mask), batch).sum()
+        missing = [t.name for t in targets if store[t.param_name].output is None]
+        if missing:
+            raise RuntimeError(f"no input captured for {missing}: are they on the path to the output?")
+        deltas = torch.autograd.grad(loss, [store[t.param_name].output for t in targets], allow_unused=True)
     keep = batch.attention_mask.bool()
     out = {}
-    for t in targets:
-        f = store[t.param_name]
-        if f.u is None or f.delta is None:
-            raise RuntimeError(f"no input or gradient captured for {t.name}: is it on the path to the output?")
-        out[t.param_name] = (f.u[keep].float(), f.delta[keep].float())
+    for t, delta in zip(targets, deltas):
+        if delta is None:
+            raise RuntimeError(f"no gradient reaches {t.name}: is it on the path to the output?")
+        out[t.param_name] = (store[t.param_name].u[keep].float(), delta[keep].float())
     return out
 
 

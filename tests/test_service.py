@@ -272,7 +272,7 @@ def test_a_thousand_edits_in_chunks_of_a_hundred_keep_journal_and_weights_consis
         memory = service.state.memories[name]  # what the layer holds is this memory in float32
         assert all(torch.equal(live[n], x) for n, x in zip(memory_names(t.name), memory.buffers(service.state.compensate)))
         assert memory.keys.shape[0] == u.shape[0]
-        torch.testing.assert_close(memory.P @ memory.keys.T @ memory.rows.values[: u.shape[0]].double(), s, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(memory.P @ memory.keys.T @ memory.store.values[: u.shape[0]].double(), s, rtol=1e-6, atol=1e-9)
     service.close()
     replayed = open_service(max_edits_per_call=100)
     assert_same(weights(replayed), live)
