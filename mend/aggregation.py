@@ -124,24 +124,26 @@ class _Store:
     `LayerMemory` versions with the same dense part F. A memory owns rows [0, R) and corrections
     [0, r), so it may append in place only while nothing was appended after them (a sibling proposal
     copies instead). Appending k rows and their k corrections then costs O(k (fan_in + R)), not O(fan_in R).
-    The float32 copies are what the layer reads."""
+    H, A and B are stored transposed, a row per column, so that an append writes contiguous memory
+    (a column of a row-major matrix touches a cache line per entry). The float32 copies are what
+    the layer reads."""
 
     keys: torch.Tensor  # (rows capacity, n) float64
     values: torch.Tensor  # (rows capacity, m) float32
-    h: torch.Tensor  # (n, rows capacity) float64: F u_jᵀ, one column per row
-    h32: torch.Tensor  # (n, rows capacity) float32
-    a: torch.Tensor  # (n, corrections capacity) float64
-    b: torch.Tensor  # (n, corrections capacity) float64
-    a32: torch.Tensor  # (n, corrections capacity) float32
-    bu: torch.Tensor  # (corrections capacity, rows capacity) float64: Bᵀ Uᵀ
+    ht: torch.Tensor  # Hᵀ (rows capacity, n) float64: u_j F, one row per row
+    ht32: torch.Tensor  # (rows capacity, n) float32
+    at: torch.Tensor  # Aᵀ (corrections capacity, n) float64
+    bt: torch.Tensor  # Bᵀ (corrections capacity, n) float64
+    at32: torch.Tensor  # (corrections capacity, n) float32
+    bu: torch.Tensor  # Bᵀ Uᵀ (corrections capacity, rows capacity) float64
     bu32: torch.Tensor  # (corrections capacity, rows capacity) float32
     used: tuple[int, int] = (0, 0)  # (rows, corrections)
 
     @classmethod
     def of(cls, keys: torch.Tensor, values: torch.Tensor, h: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None = None,
            bu: torch.Tensor | None = None, extra: int = 0) -> "_Store":
-        """New storage holding these rows (and corrections: `pending` (A, B), `bu` Bᵀ Uᵀ), with room for
-        at least `extra` more of each."""
+        """New storage holding these rows (H: (n, rows)) and corrections (`pending` (A, B), `bu` Bᵀ Uᵀ),
+        with room for at least `extra` more of each."""
         (rows, n), m = keys.shape, values.shape[1]
         a, b = pending if pending is not None else (h.new_zeros(n, 0), h.new_zeros(n, 0))
         r = a.shape[1]
@@ -149,18 +151,18 @@ class _Store:
         # uninitialised: only [0, used) is ever read (zero-filling the capacity took as long as the copy)
         new = keys.new_empty
         out = cls(new(cap_rows, n, dtype=torch.float64), values.new_empty(cap_rows, m, dtype=torch.float32),
-                  new(n, cap_rows, dtype=torch.float64), new(n, cap_rows, dtype=torch.float32),
-                  new(n, cap_r, dtype=torch.float64), new(n, cap_r, dtype=torch.float64), new(n, cap_r, dtype=torch.float32),
+                  new(cap_rows, n, dtype=torch.float64), new(cap_rows, n, dtype=torch.float32),
+                  new(cap_r, n, dtype=torch.float64), new(cap_r, n, dtype=torch.float64), new(cap_r, n, dtype=torch.float32),
                   new(cap_r, cap_rows, dtype=torch.float64), new(cap_r, cap_rows, dtype=torch.float32), (rows, r))
-        out.keys[:rows], out.values[:rows], out.h[:, :rows], out.h32[:, :rows] = keys, values, h, h
-        out.a[:, :r], out.b[:, :r], out.a32[:, :r] = a, b, a
+        out.keys[:rows], out.values[:rows], out.ht[:rows], out.ht32[:rows] = keys, values, h.T, h.T
+        out.at[:r], out.bt[:r], out.at32[:r] = a.T, b.T, a.T
         if bu is not None:
             out.bu[:r, :rows], out.bu32[:r, :rows] = bu, bu
         return out
 
     def view(self, rows: int, r: int) -> tuple[torch.Tensor, ...]:
         """(keys, values, H, (A, B), Bᵀ Uᵀ) of the first `rows` rows and `r` corrections, float64 but the values."""
-        return (self.keys[:rows], self.values[:rows], self.h[:, :rows], (self.a[:, :r], self.b[:, :r]), self.bu[:r, :rows])
+        return (self.keys[:rows], self.values[:rows], self.ht[:rows].T, (self.at[:r].T, self.bt[:r].T), self.bu[:r, :rows])
 
     def appended(self, rows: int, r: int, keys: torch.Tensor, values: torch.Tensor, fu: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor, btu: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> "_Store":
@@ -170,12 +172,12 @@ class _Store:
         (t = U P Uₖᵀ over the old rows, g = Uₖ P Uₖᵀ) below."""
         k = keys.shape[0]
         out = self
-        if self.used != (rows, r) or rows + k > self.keys.shape[0] or r + k > self.a.shape[1]:
+        if self.used != (rows, r) or rows + k > self.keys.shape[0] or r + k > self.at.shape[0]:
             old_keys, old_values, h, pending, bu = self.view(rows, r)
             out = _Store.of(old_keys, old_values, h, pending, bu, extra=k)
         new_rows, new_r = slice(rows, rows + k), slice(r, r + k)
-        out.keys[new_rows], out.values[new_rows], out.h[:, new_rows], out.h32[:, new_rows] = keys.double(), values.float(), fu, fu
-        out.a[:, new_r], out.b[:, new_r], out.a32[:, new_r] = a, b, a
+        out.keys[new_rows], out.values[new_rows], out.ht[new_rows], out.ht32[new_rows] = keys, values, fu.T, fu.T
+        out.at[new_r], out.bt[new_r], out.at32[new_r] = a.T, b.T, a.T
         for bu in (out.bu, out.bu32):
             bu[:r, new_rows], bu[new_r, :rows], bu[new_r, new_rows] = btu, t.T, g.T
         out.used = (rows + k, r + k)
@@ -226,8 +228,8 @@ class LayerMemory:
         """What the layer holds (`gated`, in `MEMORY` order), float32: H, c(u), D, the rows' `crowding`
         scales, A and Bᵀ Uᵀ."""
         rows, r, s = len(self.owners), self.corrections, self.store
-        return (s.h32[:, :rows], self.own.float(), s.values[:rows], crowding(self.alone, self.own, compensate).float(),
-                s.a32[:, :r], s.bu32[:r, :rows])
+        return (s.ht32[:rows].T, self.own.float(), s.values[:rows], crowding(self.alone, self.own, compensate).float(),
+                s.at32[:r].T, s.bu32[:r, :rows])
 
     @classmethod
     def fresh(cls, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...] | None = None,
@@ -399,6 +401,9 @@ def load_memory(model: torch.nn.Module, path: str | Path) -> bool:
         _attach(module, t["mend_h"].shape[0], t["mend_values"].shape[1])
         module.mend_gate = float(gate)
         for attr in MEMORY:
-            setattr(module, attr, t[attr].to(module.weight.device))
+            tensor = t[attr].to(module.weight.device)
+            if attr in ("mend_h", "mend_pa"):  # as a live memory holds them (`_Store`): x H then runs the same kernel
+                tensor = tensor.T.contiguous().T
+            setattr(module, attr, tensor)
     return True
 

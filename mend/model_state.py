@@ -187,7 +187,7 @@ class EditableModel:
         for name, tensor in sorted(self.live().items()):
             h.update(name.encode())
             h.update(str(tuple(tensor.shape)).encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def replay(self, steps) -> None:
