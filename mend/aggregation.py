@@ -140,12 +140,12 @@ class _Store:
     used: tuple[int, int] = (0, 0)  # (rows, corrections)
 
     @classmethod
-    def of(cls, keys: torch.Tensor, values: torch.Tensor, h: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def of(cls, keys: torch.Tensor, values: torch.Tensor, ht: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor] | None = None,
            bu: torch.Tensor | None = None, extra: int = 0) -> "_Store":
-        """New storage holding these rows (H: (n, rows)) and corrections (`pending` (A, B), `bu` Bᵀ Uᵀ),
+        """New storage holding these rows (Hᵀ: (rows, n)) and corrections (`pending` (A, B), `bu` Bᵀ Uᵀ),
         with room for at least `extra` more of each."""
         (rows, n), m = keys.shape, values.shape[1]
-        a, b = pending if pending is not None else (h.new_zeros(n, 0), h.new_zeros(n, 0))
+        a, b = pending if pending is not None else (ht.new_zeros(n, 0), ht.new_zeros(n, 0))
         r = a.shape[1]
         cap_rows, cap_r = max(64, 2 * (rows + extra)), max(2 * PENDING, 2 * (r + extra))
         # uninitialised: only [0, used) is ever read (zero-filling the capacity took as long as the copy)
@@ -154,15 +154,15 @@ class _Store:
                   new(cap_rows, n, dtype=torch.float64), new(cap_rows, n, dtype=torch.float32),
                   new(cap_r, n, dtype=torch.float64), new(cap_r, n, dtype=torch.float64), new(cap_r, n, dtype=torch.float32),
                   new(cap_r, cap_rows, dtype=torch.float64), new(cap_r, cap_rows, dtype=torch.float32), (rows, r))
-        out.keys[:rows], out.values[:rows], out.ht[:rows], out.ht32[:rows] = keys, values, h.T, h.T
+        out.keys[:rows], out.values[:rows], out.ht[:rows], out.ht32[:rows] = keys, values, ht, ht
         out.at[:r], out.bt[:r], out.at32[:r] = a.T, b.T, a.T
         if bu is not None:
             out.bu[:r, :rows], out.bu32[:r, :rows] = bu, bu
         return out
 
     def view(self, rows: int, r: int) -> tuple[torch.Tensor, ...]:
-        """(keys, values, H, (A, B), Bᵀ Uᵀ) of the first `rows` rows and `r` corrections, float64 but the values."""
-        return (self.keys[:rows], self.values[:rows], self.ht[:rows].T, (self.at[:r].T, self.bt[:r].T), self.bu[:r, :rows])
+        """(keys, values, Hᵀ, (A, B), Bᵀ Uᵀ) of the first `rows` rows and `r` corrections, float64 but the values."""
+        return (self.keys[:rows], self.values[:rows], self.ht[:rows], (self.at[:r].T, self.bt[:r].T), self.bu[:r, :rows])
 
     def appended(self, rows: int, r: int, keys: torch.Tensor, values: torch.Tensor, fu: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor, btu: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> "_Store":
@@ -173,8 +173,7 @@ class _Store:
         k = keys.shape[0]
         out = self
         if self.used != (rows, r) or rows + k > self.keys.shape[0] or r + k > self.at.shape[0]:
-            old_keys, old_values, h, pending, bu = self.view(rows, r)
-            out = _Store.of(old_keys, old_values, h, pending, bu, extra=k)
+            out = _Store.of(*self.view(rows, r), extra=k)
         new_rows, new_r = slice(rows, rows + k), slice(r, r + k)
         out.keys[new_rows], out.values[new_rows], out.ht[new_rows], out.ht32[new_rows] = keys, values, fu.T, fu.T
         out.at[new_r], out.bt[new_r], out.at32[new_r] = a.T, b.T, a.T
@@ -245,7 +244,7 @@ class LayerMemory:
         # row-major P: cholesky_inverse returns it column-major, which makes every P @ Uᵀ ~15x slower
         p = torch.cholesky_inverse(chol).contiguous()
         own = own_shares(u, p)
-        return cls(p, _Store.of(u, values.float(), p @ u.T), 0, own, own.clone() if alone is None else alone.double(), owners)
+        return cls(p, _Store.of(u, values.float(), u @ p.T), 0, own, own.clone() if alone is None else alone.double(), owners)
 
     def added(self, keys: torch.Tensor, values: torch.Tensor, owners: tuple[int, ...], alone: torch.Tensor) -> "LayerMemory":
         """With k more rows, by one Woodbury step (A' = A + UₖᵀUₖ):
@@ -267,8 +266,8 @@ class LayerMemory:
         keys); the kept rows are copied to new storage."""
         kept = [i for i, o in enumerate(self.owners) if o not in gone]
         _, _, pu, _, minv, t = self._step(self.keys[[i for i, o in enumerate(self.owners) if o in gone]], -1)
-        keys, values, h, (a, b), bu = self.store.view(len(self.owners), self.corrections)
-        store = _Store.of(keys[kept], values[kept], h[:, kept], (torch.cat([a, pu @ minv], 1), torch.cat([b, pu], 1)),
+        keys, values, ht, (a, b), bu = self.store.view(len(self.owners), self.corrections)
+        store = _Store.of(keys[kept], values[kept], ht[kept], (torch.cat([a, pu @ minv], 1), torch.cat([b, pu], 1)),
                           torch.cat([bu[:, kept], t[kept].T]))
         return self._with(store, self.corrections + pu.shape[1], (self.own - ((t @ minv) * t).sum(1))[kept], self.alone[kept],
                           tuple(self.owners[i] for i in kept))
@@ -287,13 +286,13 @@ class LayerMemory:
 
     def _with(self, store: _Store, corrections: int, own, alone, owners) -> "LayerMemory":
         """A memory on `store` with these corrections, folded when there are more than `PENDING`:
-        F' = F − A Bᵀ and H' = F' Uᵀ = H − A (Bᵀ Uᵀ) (addmm: one pass over each, ~15x faster on CPU
+        F' = F − A Bᵀ and H'ᵀ = U F' = Hᵀ − (Bᵀ Uᵀ)ᵀ Aᵀ (addmm: one pass over each, ~15x faster on CPU
         than F − A @ Bᵀ), in new storage."""
         if corrections <= PENDING:
             return LayerMemory(self.dense, store, corrections, own, alone, owners)
-        keys, values, h, (a, b), bu = store.view(len(owners), corrections)
+        keys, values, ht, (a, b), bu = store.view(len(owners), corrections)
         dense = torch.addmm(self.dense, a, b.T, alpha=-1)
-        return LayerMemory(dense, _Store.of(keys, values, torch.addmm(h, a, bu, alpha=-1)), 0, own, alone, owners)
+        return LayerMemory(dense, _Store.of(keys, values, torch.addmm(ht, bu.T, a.T, alpha=-1)), 0, own, alone, owners)
 
 
 MEMORY = ("mend_h", "mend_own", "mend_values", "mend_scale", "mend_pa", "mend_pbu")  # buffer names on each edited layer

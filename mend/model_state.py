@@ -148,9 +148,12 @@ class EditableModel:
                     mem = mem.added(*self._rows(new, name, device))
                 memories[name] = mem
         # P's dense part is an earlier P, symmetric positive definite, so its largest entries are on its
-        # diagonal: a finite diagonal, finite corrections and finite shares (which every non-finite Woodbury
-        # factor reaches) mean a finite memory. One test for all layers; the layer is looked up only when it fails.
-        checked = {name: torch.cat([m.dense.diagonal(), m.own, m.pending[0].sum(0), m.bu.sum(1)]) for name, m in memories.items()}
+        # diagonal: a finite diagonal (looked at only where the dense part is new: a fold or a fresh
+        # factorisation), finite corrections and finite shares (which every non-finite Woodbury factor
+        # reaches: M⁻¹ and t = U P Uₖᵀ enter every share, the new corrections and Bᵀ Uᵀ) mean a finite
+        # memory. One test for all layers; the layer is looked up only when it fails.
+        checked = {name: torch.cat([m.own, m.pending[0].sum(0), *([m.dense.diagonal()] if m.dense is not self.memories[name].dense else [])])
+                   for name, m in memories.items()}
         if not all_finite({"all": torch.cat(list(checked.values()))}):
             name = next(n for n, c in checked.items() if not all_finite({n: c}))
             raise UnstableEditError(f"the combined update of {name} is not finite; nothing was changed")
