@@ -347,15 +347,16 @@ def _attach(module: torch.nn.Module, fan_in: int, fan_out: int) -> None:
         module.register_forward_hook(_memory_hook)
 
 
-def attach_memory(model: torch.nn.Module, targets, threshold: float) -> None:
-    """Give each target layer an empty edit memory: the buffers of `memory_names`, the threshold τ,
-    and a forward hook that adds `gated` to its output. The buffers are not saved with
-    the model (`persistent=False`; `save_memory` writes them beside it); `functional_call` overrides
-    them like weights. Attaching again keeps the memory and sets τ."""
+def attach_memory(model: torch.nn.Module, targets, threshold: float | dict[str, float]) -> None:
+    """Give each target layer an empty edit memory: the buffers of `memory_names`, the threshold τ
+    (one for all, or per module name: `EditorConfig.gates`), and a forward hook that adds `gated` to
+    its output. The buffers are not saved with the model (`persistent=False`; `save_memory` writes
+    them beside it); `functional_call` overrides them like weights. Attaching again keeps the memory
+    and sets τ."""
     modules = dict(model.named_modules())
     for t in targets:
         _attach(modules[t.name], t.fan_in, t.fan_out)
-        modules[t.name].mend_gate = float(threshold)
+        modules[t.name].mend_gate = float(threshold[t.name] if isinstance(threshold, dict) else threshold)
 
 
 def memories(model: torch.nn.Module) -> dict[str, torch.Tensor]:

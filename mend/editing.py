@@ -61,7 +61,7 @@ class MendMethod:
         own shares and values of their kept rows, as overrides of the layer's memory buffers. The
         memory holds these records alone: earlier edits in `weights` only shape the captured gradients."""
         batch, factors = self._factors(model, tokenizer, records, weights)
-        attach_memory(model, self.editor.targets, self.editor.cfg.gate)
+        attach_memory(model, self.editor.targets, self.editor.cfg.gates(self.editor.targets))
         return {k: v.detach() for k, v in self.editor.memory(factors, batch.attention_mask.sum(1).tolist()).items()}
 
     def _factors(self, model, tokenizer, records: list[EditRecord], weights=None):

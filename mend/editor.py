@@ -29,6 +29,14 @@ from mend.errors import ConfigError
 from mend.targets import EditTarget
 
 
+def block_of(module_name: str) -> str:
+    """A module's block: its name up to its last part that is a number ("transformer.h.3.mlp.c_fc" ->
+    "transformer.h.3"); the whole name when no part is."""
+    parts = module_name.split(".")
+    last = max((i for i, part in enumerate(parts) if part.isdigit()), default=len(parts) - 1)
+    return ".".join(parts[: last + 1])
+
+
 @dataclass(frozen=True)
 class EditorConfig:
     rank: int = 256  # hidden width of each residual block (low rank: [u; δ] is fan_in + fan_out wide)
@@ -41,6 +49,7 @@ class EditorConfig:
     # share of its own change an edit row must give an input to write there; keep, the share of an
     # edit's largest value norm a token row needs to be kept (0, 0 and compensate 0: the plain least-squares update)
     gate: float = 0.5
+    gate_last: float | None = None  # τ of the last edited block's layers (None: `gate`); see `gates`
     keep: float = 0.7
     # γ: with many active edits each row writes (its share alone / its share now)^γ x its value at its own
     # key, giving back part of what crowding by the other rows takes (`mend.aggregation.crowding`);
@@ -52,8 +61,16 @@ class EditorConfig:
             raise ConfigError(f"editor rank ({self.rank}) and n_blocks ({self.n_blocks}) must be >= 1")
         if self.ridge_init <= 0 or self.preserve_init < 0:
             raise ConfigError(f"ridge_init ({self.ridge_init}) must be > 0 and preserve_init ({self.preserve_init}) >= 0")
-        if self.gate < 0 or not 0 <= self.keep <= 1 or self.compensate < 0:
-            raise ConfigError(f"gate ({self.gate}) and compensate ({self.compensate}) must be >= 0 and keep ({self.keep}) in [0, 1]")
+        if self.gate < 0 or (self.gate_last is not None and self.gate_last < 0) or not 0 <= self.keep <= 1 or self.compensate < 0:
+            raise ConfigError(f"gate ({self.gate}), gate_last ({self.gate_last}) and compensate ({self.compensate}) must be >= 0 "
+                              f"and keep ({self.keep}) in [0, 1]")
+
+    def gates(self, targets) -> dict[str, float]:
+        """τ per target module: `gate_last` for the targets of the last edited block (the block is a
+        module name up to its last numeric part, "transformer.h.3" or "model.layers.27"), `gate` for the rest.
+        A lower τ there bought generality at less locality than a lower τ everywhere (README, profile=facts)."""
+        last = block_of(targets[-1].name) if targets else None
+        return {t.name: self.gate_last if self.gate_last is not None and block_of(t.name) == last else self.gate for t in targets}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -87,9 +87,10 @@ class Change:
 
 class EditableModel:
     def __init__(self, model: torch.nn.Module, targets: list[EditTarget], base_systems: dict[str, torch.Tensor] | None,
-                 gate: float = 0.0, keep: float = 0.0, compensate: float = 0.0):
+                 gate: float | dict[str, float] = 0.0, keep: float = 0.0, compensate: float = 0.0):
         """`base_systems`: A₀ per target (`MendEditor.base_system`); None without an editor, when
-        no edit can be active. `gate` (τ), `keep` and `compensate` (γ): the editor's (`EditorConfig`)."""
+        no edit can be active. `gate` (τ, one or per module: `EditorConfig.gates`), `keep` and
+        `compensate` (γ): the editor's (`EditorConfig`)."""
         if memories(model):
             raise ConfigError("this model already holds edits (its directory has an edit_memory.safetensors): serve its "
                               "base model with the journal that made them (paths.base_model=BASE paths.journal=DIR/journal)")

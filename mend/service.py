@@ -123,7 +123,7 @@ class EditService:
         self.locality = list(locality)[: limits.n_reference_locality]
         self.info = dict(info or {})
         bases = {t.param_name: editor.base_system(t.param_name).detach() for t in targets} if editor is not None else None
-        self.state = EditableModel(model, targets, bases, *((editor.cfg.gate, editor.cfg.keep, editor.cfg.compensate)
+        self.state = EditableModel(model, targets, bases, *((editor.cfg.gates(targets), editor.cfg.keep, editor.cfg.compensate)
                                                              if editor is not None else ()))
         self._locality_cache = LocalityCache()  # the live weights' predictions on locality prompts, for one revision
         self._queue: list[_Call] = []  # single edits waiting for the writer (coalesced)

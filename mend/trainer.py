@@ -171,7 +171,7 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
     rng = random.Random(cfg.seed)  # the same on every rank: every rank samples the same global step
     device = next(model.parameters()).device
     editor = MendEditor(targets, editor_cfg).to(device).train()
-    attach_memory(model, targets, editor_cfg.gate)  # the layers' (empty) edit memories: train.gated and validation write them
+    attach_memory(model, targets, editor_cfg.gates(targets))  # the layers' (empty) edit memories: train.gated and validation write them
     observe_preserved(model, tokenizer, editor, rng.sample(train.locality_pool, min(cfg.preserved_facts, len(train.locality_pool))),
                       shard=shard)
     net = editor

@@ -9,7 +9,7 @@ from mend.capture import edit_factors
 from mend.checkpoint import load_editor, save_editor
 from mend.editing import MendMethod, edited_weights
 from mend.editor import EditorConfig, MendEditor
-from mend.errors import CheckpointMismatchError
+from mend.errors import CheckpointMismatchError, ConfigError
 from mend.records import EditRecord
 from mend.targets import resolve_targets
 
@@ -122,3 +122,20 @@ def test_the_update_solves_the_ridge_normal_equation(gpt2):
     s = solve(editor.base_eigen(name), u, d)
     lam = editor.log_ridge[0].exp().item()  # no preserved keys observed: A₀ = λ I
     torch.testing.assert_close((u.T @ u + lam * torch.eye(u.shape[1], dtype=torch.float64)) @ s, u.T @ d)
+
+
+@pytest.mark.parametrize("fixture", ["gpt2", "llama"])
+def test_the_last_edited_block_can_have_its_own_gate(fixture, request):
+    model, tok = request.getfixturevalue(fixture)
+    targets = resolve_targets(model, n_last_blocks=2)
+    last = targets[-1].name.split(".mlp.")[0]  # "transformer.h.1" / "model.layers.1"
+    gates = EditorConfig(gate=0.6, gate_last=0.45).gates(targets)
+    assert {name for name, g in gates.items() if g == 0.45} == {t.name for t in targets if t.name.startswith(last + ".")}
+    assert sorted(set(gates.values())) == [0.45, 0.6] and EditorConfig(gate=0.6).gates(targets) == dict.fromkeys(gates, 0.6)
+    editor = warmed_editor(model, tok, targets, 1e-2)
+    editor.cfg = dataclasses.replace(editor.cfg, gate=0.6, gate_last=0.45)
+    MendMethod(editor).deltas(model, tok, [EDIT])  # attaches the memories with their gates
+    modules = dict(model.named_modules())
+    assert {t.name: modules[t.name].mend_gate for t in targets} == gates
+    with pytest.raises(ConfigError, match="gate_last"):
+        EditorConfig(gate_last=-1.0)
