@@ -208,7 +208,7 @@ class LayerMemory:
 
     @property
     def pending(self) -> tuple[torch.Tensor, torch.Tensor]:  # (A, B) (fan_in, r) float64
-        return self.store.view(len(self.owners), self.corrections)[3]
+        return self.store.at[: self.corrections].T, self.store.bt[: self.corrections].T
 
     @property
     def bu(self) -> torch.Tensor:  # Bᵀ Uᵀ (r, R) float64

@@ -29,14 +29,6 @@ from mend.errors import ConfigError
 from mend.targets import EditTarget
 
 
-def block_of(module_name: str) -> str:
-    """A module's block: its name up to its last part that is a number ("transformer.h.3.mlp.c_fc" ->
-    "transformer.h.3"); the whole name when no part is."""
-    parts = module_name.split(".")
-    last = max((i for i, part in enumerate(parts) if part.isdigit()), default=len(parts) - 1)
-    return ".".join(parts[: last + 1])
-
-
 @dataclass(frozen=True)
 class EditorConfig:
     rank: int = 256  # hidden width of each residual block (low rank: [u; δ] is fan_in + fan_out wide)
@@ -66,11 +58,11 @@ class EditorConfig:
                               f"and keep ({self.keep}) in [0, 1]")
 
     def gates(self, targets) -> dict[str, float]:
-        """τ per target module: `gate_last` for the targets of the last edited block (the block is a
-        module name up to its last numeric part, "transformer.h.3" or "model.layers.27"), `gate` for the rest.
-        A lower τ there bought generality at less locality than a lower τ everywhere (README, profile=facts)."""
-        last = block_of(targets[-1].name) if targets else None
-        return {t.name: self.gate_last if self.gate_last is not None and block_of(t.name) == last else self.gate for t in targets}
+        """τ per target module: `gate_last` for the targets of the last edited block (`EditTarget.block`),
+        `gate` for the rest. A lower τ there bought generality at less locality than a lower τ
+        everywhere (README, profile=facts)."""
+        last = targets[-1].block if targets else None
+        return {t.name: self.gate_last if self.gate_last is not None and t.block == last else self.gate for t in targets}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -40,6 +40,15 @@ class EditTarget:
         return f"{self.name}.weight"
 
     @property
+    def block(self) -> str:
+        """The module's block: its name up to its last part that is a number ("transformer.h.3.mlp.c_fc"
+        -> "transformer.h.3", "model.layers.27.mlp.down_proj" -> "model.layers.27"); the whole name
+        when no part is."""
+        parts = self.name.split(".")
+        last = max((i for i, part in enumerate(parts) if part.isdigit()), default=len(parts) - 1)
+        return ".".join(parts[: last + 1])
+
+    @property
     def shape_key(self) -> str:
         """Targets with the same key share one editor network."""
         return f"{self.fan_in}x{self.fan_out}"
