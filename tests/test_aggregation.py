@@ -84,9 +84,9 @@ def test_adding_and_removing_edits_one_by_one_matches_a_fresh_memory_in_any_orde
     assert forward.pending[0].shape[1] == (25 if pending == 64 else 0)  # 5 + 7 + 13 rows; with at most 4 every step folds
     # the layer reads H = F Uᵀ and the corrections: what it writes is what P Uᵀ writes
     h, own, values, scale, a, bu = forward.buffers()
-    x = torch.randn(4, 24)
+    x = torch.randn(4, 24)  # float32 paths, outputs up to ~2.4: round-off reaches 3e-5 for some x (300 draws); a wrong correction is O(1)
     torch.testing.assert_close(gated(x, h, own, values, 0.5, scale, (a, bu)),
-                               gated(x, (forward.P @ forward.keys.T).float(), own, values, 0.5, scale), rtol=1e-4, atol=1e-5)
+                               gated(x, (forward.P @ forward.keys.T).float(), own, values, 0.5, scale), rtol=1e-4, atol=1e-4)
 
 
 def test_crowded_rows_write_more_of_their_value_than_the_solve_leaves_them():
