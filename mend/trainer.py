@@ -150,7 +150,7 @@ def validate(model, tokenizer, editor: MendEditor, records: list[EditRecord]) ->
     results = {}
     sizes = [n for n in VAL_SIZES if n <= len(records)]
     for size in sizes:
-        s = evaluate_method(model, tokenizer, MendMethod(editor), records, batch_size=size)["post"]
+        s = evaluate_method(model, tokenizer, MendMethod(editor, model, tokenizer), records, batch_size=size)["post"]
         results.update({f"b{size}_{k}": v for k, v in s.items()})
     keys = [f"b{n}_{m}_em" for n in sizes for m in ("reliability", "generality", "locality")]
     results["score"] = sum(results[k] for k in keys) / len(keys)
