@@ -74,6 +74,17 @@ def written_contexts(model, tokenizer, n: int, length: int = 10, seed: int = 0) 
     return texts
 
 
+def edit_inputs(tokenizer, records: list[EditRecord], contexts: list[str] = ()):
+    """(the batch an edit's gradient is taken on, token rows per record): each record's prompt with its
+    `target_new`, alone and after each of `contexts` (`written_contexts`); a record's rows are
+    consecutive, since factors are flattened over each sequence's tokens."""
+    variants = 1 + len(contexts)
+    prompts = [p for r in records for p in (r.prompt, *(f"{c} {r.prompt}" for c in contexts))]
+    batch = encode(tokenizer, prompts, [r.target_new for r in records for _ in range(variants)])
+    lengths = batch.attention_mask.sum(1).tolist()
+    return batch, [sum(lengths[i : i + variants]) for i in range(0, len(lengths), variants)]
+
+
 class MendMethod:
     name = "MEND"
 
@@ -95,18 +106,12 @@ class MendMethod:
         return {k: v.detach() for k, v in self.editor.memory(factors, rows).items()}
 
     def _factors(self, model, tokenizer, records: list[EditRecord], weights=None):
-        """(captured (u, δ) per target, token rows per record) for the records' targets, each record's
-        prompt alone and after each written context; the editor in eval mode."""
+        """(captured (u, δ) per target, token rows per record) for the records' targets; the editor in eval mode."""
         if not records:
             raise ValueError("no edits given")
-        device = next(model.parameters()).device
-        variants = 1 + len(self.contexts)
-        prompts = [p for r in records for p in (r.prompt, *(f"{c} {r.prompt}" for c in self.contexts))]
-        batch = encode(tokenizer, prompts, [r.target_new for r in records for _ in range(variants)]).to(device)
+        batch, rows = edit_inputs(tokenizer, records, self.contexts)
         self.editor.eval()
-        lengths = batch.attention_mask.sum(1).tolist()  # factors are flattened over each sequence's tokens
-        rows = [sum(lengths[i : i + variants]) for i in range(0, len(lengths), variants)]
-        return edit_factors(model, self.editor.targets, batch, weights), rows
+        return edit_factors(model, self.editor.targets, batch.to(next(model.parameters()).device), weights), rows
 
     @torch.no_grad()
     def per_edit_key_values(self, model, tokenizer, records: list[EditRecord],

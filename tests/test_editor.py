@@ -3,15 +3,16 @@ import dataclasses
 import pytest
 import torch
 
-from mend.aggregation import memory_names, solve
+from mend.aggregation import attach_memory, memory_names, solve
 from mend.batching import encode
 from mend.capture import edit_factors
 from mend.checkpoint import load_editor, save_editor
 from mend.editing import CONTEXT_STARTS, MendMethod, edited_weights
 from mend.editor import EditorConfig, MendEditor
 from mend.errors import CheckpointMismatchError, ConfigError
-from mend.records import EditRecord
+from mend.records import EditRecord, Fact
 from mend.targets import resolve_targets
+from mend.trainer import TrainConfig, meta_loss
 
 EDIT = EditRecord(prompt="Alpha was born in", target_new="Drelkio")
 
@@ -161,5 +162,13 @@ def test_an_edit_is_also_made_after_texts_the_model_writes(fixture, request):
         assert u.shape[0] == d.shape[0] == int(variants.attention_mask.sum())  # one edit: every token of its three texts
         torch.testing.assert_close(u[: u1.shape[0]], u1)  # the edit alone comes first, as without contexts
         torch.testing.assert_close(d[: d1.shape[0]], d1)
+    # meta-training makes its edits after the same texts, through the plain solve and the served memory
+    loc = [Fact("Beta speaks", "Rosish")]
+    attach_memory(model, targets, editor.cfg.gates(targets))
+    for gated in (False, True):
+        cfg = TrainConfig(gated=gated)
+        alone_loss, _ = meta_loss(model, editor, tok, [EDIT], loc, cfg)
+        loss, _ = meta_loss(model, editor, tok, [EDIT], loc, cfg, contexts=method.contexts)
+        assert torch.isfinite(loss) and not torch.isclose(loss, alone_loss)
     with pytest.raises(ConfigError, match="contexts"):
         EditorConfig(contexts=-1)
