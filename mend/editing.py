@@ -49,69 +49,29 @@ def all_finite(weights: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(w.sum())) for w in weights.values())
 
 
-CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")  # ROME's first words of its context templates
-
-
-@torch.no_grad()
-def written_contexts(model, tokenizer, n: int, length: int = 10, seed: int = 0) -> list[str]:
-    """`n` short texts the model writes itself: a first word (CONTEXT_STARTS in turn), then up to
-    `length` tokens sampled from its top 5 by a seeded generator, ending in a full stop. An edit made
-    after each of them as well as alone (`EditorConfig.contexts`) gets keys of its subject after other
-    text, as in a paraphrase that opens with an unrelated sentence (ROME's context templates)."""
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    texts = []
-    for i in range(n):
-        ids = tokenizer(CONTEXT_STARTS[i % len(CONTEXT_STARTS)], add_special_tokens=False)["input_ids"]
-        for _ in range(length):
-            top = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().topk(5)
-            token = int(top.indices[torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=g)])
-            if token == tokenizer.eos_token_id:
-                break
-            ids.append(token)
-        text = " ".join(tokenizer.decode(ids).split())
-        texts.append(text if text.endswith(".") else text + ".")
-    return texts
-
-
-def edit_inputs(tokenizer, records: list[EditRecord], contexts: list[str] = ()):
-    """(the batch an edit's gradient is taken on, token rows per record): each record's prompt with its
-    `target_new`, alone and after each of `contexts` (`written_contexts`); a record's rows are
-    consecutive, since factors are flattened over each sequence's tokens."""
-    variants = 1 + len(contexts)
-    prompts = [p for r in records for p in (r.prompt, *(f"{c} {r.prompt}" for c in contexts))]
-    batch = encode(tokenizer, prompts, [r.target_new for r in records for _ in range(variants)])
-    lengths = batch.attention_mask.sum(1).tolist()
-    return batch, [sum(lengths[i : i + variants]) for i in range(0, len(lengths), variants)]
-
-
 class MendMethod:
     name = "MEND"
 
-    def __init__(self, editor: MendEditor, model=None, tokenizer=None):
-        """`model` and `tokenizer` (the unedited base model) are needed only with `editor.cfg.contexts`:
-        the texts each edit is also made after are written by it here, once."""
+    def __init__(self, editor: MendEditor):
         self.editor = editor
-        if editor.cfg.contexts and model is None:
-            raise ValueError(f"the editor makes each edit after {editor.cfg.contexts} written contexts: give the base model and tokenizer")
-        self.contexts = written_contexts(model, tokenizer, editor.cfg.contexts) if editor.cfg.contexts else []
 
     @torch.no_grad()
     def deltas(self, model, tokenizer, records: list[EditRecord], weights: dict[str, torch.Tensor] | None = None) -> Deltas:
         """The edit memory of `records` together (`mend.aggregation`): per edited layer P, the keys,
         own shares and values of their kept rows, as overrides of the layer's memory buffers. The
         memory holds these records alone: earlier edits in `weights` only shape the captured gradients."""
-        factors, rows = self._factors(model, tokenizer, records, weights)
+        batch, factors = self._factors(model, tokenizer, records, weights)
         attach_memory(model, self.editor.targets, self.editor.cfg.gates(self.editor.targets))
-        return {k: v.detach() for k, v in self.editor.memory(factors, rows).items()}
+        return {k: v.detach() for k, v in self.editor.memory(factors, batch.attention_mask.sum(1).tolist()).items()}
 
     def _factors(self, model, tokenizer, records: list[EditRecord], weights=None):
-        """(captured (u, δ) per target, token rows per record) for the records' targets; the editor in eval mode."""
+        """(batch, captured (u, δ) per target) for the records' targets; the editor in eval mode."""
         if not records:
             raise ValueError("no edits given")
-        batch, rows = edit_inputs(tokenizer, records, self.contexts)
+        device = next(model.parameters()).device
+        batch = encode(tokenizer, [r.prompt for r in records], [r.target_new for r in records]).to(device)
         self.editor.eval()
-        return edit_factors(model, self.editor.targets, batch.to(next(model.parameters()).device), weights), rows
+        return batch, edit_factors(model, self.editor.targets, batch, weights)
 
     @torch.no_grad()
     def per_edit_key_values(self, model, tokenizer, records: list[EditRecord],
@@ -123,7 +83,8 @@ class MendMethod:
         least-squares update on its own. `weights` overrides parameters (the service passes the
         pristine target weights, so an edit never depends on the edits already applied).
         """
-        factors, rows = self._factors(model, tokenizer, records, weights)
+        batch, factors = self._factors(model, tokenizer, records, weights)
+        rows = batch.attention_mask.sum(1).tolist()  # factors are flattened over each record's tokens
         split = {name: (u.split(rows), d.split(rows)) for name, (u, d) in self.editor.key_values(factors).items()}
         return [{name: (u[i].contiguous(), d[i].contiguous()) for name, (u, d) in split.items()} for i in range(len(records))]
 

@@ -47,9 +47,6 @@ class EditorConfig:
     # key, giving back part of what crowding by the other rows takes (`mend.aggregation.crowding`);
     # chosen on train and val edits of the default model (1,000 train edits: reliability 0.888 -> 0.917)
     compensate: float = 0.3
-    # each edit is also made after this many short texts the base model writes itself (ROME's context
-    # templates, `mend.editing.written_contexts`): its keys then hold for the subject after other text
-    contexts: int = 0
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.n_blocks < 1:
@@ -59,8 +56,6 @@ class EditorConfig:
         if self.gate < 0 or (self.gate_last is not None and self.gate_last < 0) or not 0 <= self.keep <= 1 or self.compensate < 0:
             raise ConfigError(f"gate ({self.gate}), gate_last ({self.gate_last}) and compensate ({self.compensate}) must be >= 0 "
                               f"and keep ({self.keep}) in [0, 1]")
-        if self.contexts < 0:
-            raise ConfigError(f"contexts ({self.contexts}) must be >= 0: the number of written texts each edit is also made after")
 
     def gates(self, targets) -> dict[str, float]:
         """τ per target module: `gate_last` for the targets of the last edited block (`EditTarget.block`),

@@ -119,7 +119,7 @@ class EditService:
     def __init__(self, model, tokenizer, journal: EditJournal, targets, editor=None, locality: list[Fact] = (),
                  limits: ServiceLimits = ServiceLimits(), info: dict | None = None, leader: str | None = None):
         self.model, self.tokenizer, self.journal, self.limits = model, tokenizer, journal, limits
-        self.method = MendMethod(editor, model, tokenizer) if editor is not None else None
+        self.method = MendMethod(editor) if editor is not None else None
         self.locality = list(locality)[: limits.n_reference_locality]
         self.info = dict(info or {})
         bases = {t.param_name: editor.base_system(t.param_name).detach() for t in targets} if editor is not None else None

@@ -30,7 +30,7 @@ from mend.batching import encode, logits, masked_kl, target_nll
 from mend.capture import edit_factors, layer_inputs
 from mend.checkpoint import save_editor
 from mend.distributed import Shard
-from mend.editing import MendMethod, edit_inputs, edited_weights, written_contexts
+from mend.editing import MendMethod, edited_weights
 from mend.editor import EditorConfig, MendEditor
 from mend.errors import ConfigError
 from mend.evaluation import evaluate_method
@@ -103,23 +103,22 @@ def observe_preserved(model, tokenizer, editor: MendEditor, facts: list[Fact], b
 
 
 def meta_loss(model, editor, tokenizer, records: list[EditRecord], loc: list[Fact], cfg: TrainConfig,
-              scored: list[EditRecord] | None = None, shard: Shard = Shard(), contexts: list[str] = ()):
+              scored: list[EditRecord] | None = None, shard: Shard = Shard()):
     """The loss of one update made of all `records`; the edit term scores `scored` (default: all).
     `editor`: a MendEditor, or one wrapped in DistributedDataParallel; this rank computes its share of
     the records, scored edits and unrelated facts `loc`, and its loss is its share of the whole
-    step's, times the number of ranks (DDP averages the gradients). Each edit is made alone and
-    after each of `contexts`, as served (`EditorConfig.contexts`)."""
+    step's, times the number of ranks (DDP averages the gradients)."""
     # Every rank runs every pass (with FSDP each pass gathers the model's parameters from all ranks):
     # a rank with no share of its own (more ranks than edits) runs it on a stand-in and keeps nothing.
     device = next(model.parameters()).device
     targets = getattr(editor, "module", editor).targets
     mine = shard.take(records)
-    edit_batch, rows = edit_inputs(tokenizer, mine or records[:1], contexts)
-    factors = edit_factors(model, targets, edit_batch.to(device))
+    edit_batch = encode(tokenizer, [r.prompt for r in mine or records[:1]], [r.target_new for r in mine or records[:1]]).to(device)
+    factors = edit_factors(model, targets, edit_batch)
     if not mine:
         factors = {name: (u[:0], d[:0]) for name, (u, d) in factors.items()}
     if cfg.gated:  # the served combination (mend.aggregation): each edit's kept rows, written through the gate
-        weights = editor.memory(factors, rows)
+        weights = editor.memory(factors, edit_batch.attention_mask.sum(1).tolist())
     else:
         weights = edited_weights(model, editor(factors, gather=shard.gather))
     scored = records if scored is None else scored
@@ -151,7 +150,7 @@ def validate(model, tokenizer, editor: MendEditor, records: list[EditRecord]) ->
     results = {}
     sizes = [n for n in VAL_SIZES if n <= len(records)]
     for size in sizes:
-        s = evaluate_method(model, tokenizer, MendMethod(editor, model, tokenizer), records, batch_size=size)["post"]
+        s = evaluate_method(model, tokenizer, MendMethod(editor), records, batch_size=size)["post"]
         results.update({f"b{size}_{k}": v for k, v in s.items()})
     keys = [f"b{n}_{m}_em" for n in sizes for m in ("reliability", "generality", "locality")]
     results["score"] = sum(results[k] for k in keys) / len(keys)
@@ -172,7 +171,6 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
     rng = random.Random(cfg.seed)  # the same on every rank: every rank samples the same global step
     device = next(model.parameters()).device
     editor = MendEditor(targets, editor_cfg).to(device).train()
-    contexts = written_contexts(model, tokenizer, editor_cfg.contexts) if editor_cfg.contexts else []
     attach_memory(model, targets, editor_cfg.gates(targets))  # the layers' (empty) edit memories: train.gated and validation write them
     observe_preserved(model, tokenizer, editor, rng.sample(train.locality_pool, min(cfg.preserved_facts, len(train.locality_pool))),
                       shard=shard)
@@ -196,7 +194,7 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
         records = rng.sample(train.records, k)
         loc = _locality_facts(train.locality_pool, records, min(max(cfg.locality_per_step, k), cfg.scored_edits), rng)
         scored = rng.sample(records, min(k, cfg.scored_edits))
-        loss, parts = meta_loss(model, net, tokenizer, records, loc, cfg, scored, shard, contexts)
+        loss, parts = meta_loss(model, net, tokenizer, records, loc, cfg, scored, shard)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(editor.parameters(), cfg.grad_clip)

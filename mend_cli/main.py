@@ -125,7 +125,7 @@ def train_editor_cmd(cfg: DictConfig) -> None:
             f"{m} {best[f'b{size}_{m}_em']:.3f}" for m in ("reliability", "generality", "locality")))
 
 
-def _methods(cfg, model, tokenizer, names):
+def _methods(cfg, model, names):
     """The edit methods named in `names`; `made` below is the registry a new method joins."""
     from mend.baselines import FineTune, FTConfig
     from mend.checkpoint import load_editor
@@ -139,7 +139,7 @@ def _methods(cfg, model, tokenizer, names):
         targets = resolve_targets(model, cfg.targets.patterns, cfg.targets.n_last_blocks)
     pool = _split(cfg, "train").locality_pool  # true facts of entities that evaluation never edits
     made = {
-        "MEND": lambda: MendMethod(editor, model, tokenizer),
+        "MEND": lambda: MendMethod(editor),
         "FT": lambda: FineTune(targets, as_config(FTConfig, cfg.ft, c_kl=0.0)),
         "FT+KL": lambda: FineTune(targets, as_config(FTConfig, cfg.ft), kl_pool=pool),
     }
@@ -160,7 +160,7 @@ def demo(cfg: DictConfig) -> None:
     from mend.metrics import before_and_after, greedy_decode
 
     model, tok = _model(cfg)
-    (mend,) = _methods(cfg, model, tok, ["MEND"])
+    (mend,) = _methods(cfg, model, ["MEND"])
     records = _split(cfg, "test").records
     seed = cfg.demo.seed if cfg.demo.seed is not None else random.randrange(10**6)
     rng = random.Random(seed)
@@ -217,7 +217,7 @@ def evaluate(cfg: DictConfig) -> None:
     hcfg = as_config(HarnessConfig, OmegaConf.create(eval_cfg), seed=cfg.seed)
     model, tok = _model(cfg)
     records = select_records(_split(cfg, split).records, hcfg.n_edits, hcfg.seed)
-    methods = _methods(cfg, model, tok, list(method_names))
+    methods = _methods(cfg, model, list(method_names))
     probe, heldout = _perplexity_probe(cfg, model, tok)
     data_file = dataset_path(cfg.dataset.name, "test", _dataset_path(cfg), _shared_data(cfg))
     started = time.time()
@@ -255,7 +255,7 @@ def bench(cfg: DictConfig) -> None:
     from mend_cli.serve import open_service
 
     model, tok = _model(cfg)
-    methods = _methods(cfg, model, tok, ["MEND", "FT", "FT+KL"])
+    methods = _methods(cfg, model, ["MEND", "FT", "FT+KL"])
     result = run_benchmark(model, tok, methods, _split(cfg, "test").records, cfg.bench.repeats)
     fb = result["forward_backward_s"]
     print(f"median over {cfg.bench.repeats} single edits on {next(model.parameters()).device}:")
@@ -344,7 +344,7 @@ def ship(cfg: DictConfig) -> None:
     measured = {}
     for label, (m_path, e_path) in {"built": (built_model, built_editor), "shipped": (tmp / "base-model", tmp / "editor")}.items():
         m, t = load_model(m_path, device=cfg.device)
-        method = MendMethod(load_editor(e_path, m), m, t)
+        method = MendMethod(load_editor(e_path, m))
         measured[label] = {f"{n} per update": {k: v for k, v in evaluate_method(m, t, method, records, batch_size=n)["post"].items()
                                                if k.endswith("_em")} for n in (1, 10, 100) if n <= len(records)}
         print(f"{label:8} " + "; ".join(f"{n}: " + " / ".join(f"{v:.3f}" for v in r.values()) for n, r in measured[label].items()))

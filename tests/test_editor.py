@@ -3,16 +3,15 @@ import dataclasses
 import pytest
 import torch
 
-from mend.aggregation import attach_memory, memory_names, solve
+from mend.aggregation import memory_names, solve
 from mend.batching import encode
 from mend.capture import edit_factors
 from mend.checkpoint import load_editor, save_editor
-from mend.editing import CONTEXT_STARTS, MendMethod, edited_weights
+from mend.editing import MendMethod, edited_weights
 from mend.editor import EditorConfig, MendEditor
 from mend.errors import CheckpointMismatchError, ConfigError
-from mend.records import EditRecord, Fact
+from mend.records import EditRecord
 from mend.targets import resolve_targets
-from mend.trainer import TrainConfig, meta_loss
 
 EDIT = EditRecord(prompt="Alpha was born in", target_new="Drelkio")
 
@@ -140,35 +139,3 @@ def test_the_last_edited_block_can_have_its_own_gate(fixture, request):
     assert {t.name: modules[t.name].mend_gate for t in targets} == gates
     with pytest.raises(ConfigError, match="gate_last"):
         EditorConfig(gate_last=-1.0)
-
-
-@pytest.mark.parametrize("fixture", ["gpt2", "llama"])
-def test_an_edit_is_also_made_after_texts_the_model_writes(fixture, request):
-    model, tok = request.getfixturevalue(fixture)
-    targets = resolve_targets(model, n_last_blocks=1)
-    editor = warmed_editor(model, tok, targets, 1e-2)
-    (alone,) = MendMethod(editor).per_edit_key_values(model, tok, [EDIT])
-    editor.cfg = dataclasses.replace(editor.cfg, contexts=2)
-    with pytest.raises(ValueError, match="give the base model"):
-        MendMethod(editor)
-    method = MendMethod(editor, model, tok)
-    assert method.contexts == MendMethod(editor, model, tok).contexts  # seeded: the same texts every time
-    assert [c[: len(s)] for c, s in zip(method.contexts, CONTEXT_STARTS)] == list(CONTEXT_STARTS[:2])
-    assert all(c.endswith(".") and len(c) > len(s) + 1 for c, s in zip(method.contexts, CONTEXT_STARTS))
-    (kv,) = method.per_edit_key_values(model, tok, [EDIT])
-    variants = encode(tok, [EDIT.prompt] + [f"{c} {EDIT.prompt}" for c in method.contexts], [EDIT.target_new] * 3)
-    for t in targets:
-        (u, d), (u1, d1) = kv[t.param_name], alone[t.param_name]
-        assert u.shape[0] == d.shape[0] == int(variants.attention_mask.sum())  # one edit: every token of its three texts
-        torch.testing.assert_close(u[: u1.shape[0]], u1)  # the edit alone comes first, as without contexts
-        torch.testing.assert_close(d[: d1.shape[0]], d1)
-    # meta-training makes its edits after the same texts, through the plain solve and the served memory
-    loc = [Fact("Beta speaks", "Rosish")]
-    attach_memory(model, targets, editor.cfg.gates(targets))
-    for gated in (False, True):
-        cfg = TrainConfig(gated=gated)
-        alone_loss, _ = meta_loss(model, editor, tok, [EDIT], loc, cfg)
-        loss, _ = meta_loss(model, editor, tok, [EDIT], loc, cfg, contexts=method.contexts)
-        assert torch.isfinite(loss) and not torch.isclose(loss, alone_loss)
-    with pytest.raises(ConfigError, match="contexts"):
-        EditorConfig(contexts=-1)
