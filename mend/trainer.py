@@ -16,6 +16,7 @@ computes its share of every step and the least-squares solve spans all ranks' ed
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -62,12 +63,17 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False  # under torchrun: shard the frozen base model's parameters across the ranks (mend.distributed)
     gated: bool = False  # the meta-loss edits through the served, gated memory (one process only) instead of the plain solve
+    gate_pairs: tuple[tuple[float, float], ...] = ()  # (τ, last block's τ) tried on validation after training (`calibrate_gates`)
+    min_locality: float = 0.92  # the validation locality a calibrated gate keeps
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError("steps must be >= 1 and batch_sizes a non-empty list of sizes >= 1")
         if self.c_edit <= 0 or self.c_loc < 0 or self.c_rephrase < 0:
             raise ConfigError(f"c_edit must be > 0, c_loc and c_rephrase >= 0 (got {self.c_edit}, {self.c_loc}, {self.c_rephrase})")
+        if any(len(p) != 2 or min(p) < 0 for p in self.gate_pairs) or not 0 <= self.min_locality <= 1:
+            raise ConfigError(f"gate_pairs must be [gate, gate_last] pairs of numbers >= 0 and min_locality in [0, 1] "
+                              f"(got {self.gate_pairs}, {self.min_locality})")
 
 
 def _locality_facts(pool: list[Fact], records: list[EditRecord], n: int, rng: random.Random) -> list[Fact]:
@@ -145,6 +151,25 @@ def meta_loss(model, editor, tokenizer, records: list[EditRecord], loc: list[Fac
 VAL_SIZES = (1, 10, 100)
 
 
+def calibrate_gates(model, tokenizer, editor: MendEditor, records: list[EditRecord],
+                    pairs, min_locality: float) -> tuple[dict | None, list[dict]]:
+    """Set the editor's served gates to the (τ, last block's τ) of `pairs` with the most generality
+    on `records` (single edits, greedy) among those keeping locality >= `min_locality` (ties: more
+    locality). The gate trades one for the other, and where the trade sits differs between editors
+    of the same recipe. Returns (the chosen pair's metrics or None: the gates are left as they
+    were, every pair measured)."""
+    configured, tried = editor.cfg, []
+    for gate, gate_last in pairs:
+        editor.cfg = dataclasses.replace(editor.cfg, gate=float(gate), gate_last=float(gate_last))
+        post = evaluate_method(model, tokenizer, MendMethod(editor), records, batch_size=1)["post"]
+        tried.append({"gate": float(gate), "gate_last": float(gate_last), **{k: round(v, 4) for k, v in post.items()}})
+        log.info("gate %.2f, last block %.2f: %s", gate, gate_last, {k: round(v, 3) for k, v in post.items()})
+    kept = [t for t in tried if t["locality_em"] >= min_locality]
+    chosen = max(kept, key=lambda t: (t["generality_em"], t["locality_em"]), default=None)
+    editor.cfg = dataclasses.replace(configured, gate=chosen["gate"], gate_last=chosen["gate_last"]) if chosen else configured
+    return chosen, tried
+
+
 def validate(model, tokenizer, editor: MendEditor, records: list[EditRecord]) -> dict[str, float]:
     """Greedy exact-match metrics for single edits, batches of 10 and of 100; `score` averages them."""
     results = {}
@@ -212,9 +237,10 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
                 log.info("validation %s", {k: round(v, 3) for k, v in result.items()})
             if result["score"] > best:
                 best, stale = result["score"], 0
+                best_state = {k: v.detach().clone() for k, v in editor.state_dict().items()}
+                meta = {"train": asdict(cfg), "validation": result, "processes": shard.world, **(provenance or {})}
                 if shard.main:
-                    save_editor(editor, out_dir, model.config.model_type,
-                                {"train": asdict(cfg), "validation": result, "processes": shard.world, **(provenance or {})})
+                    save_editor(editor, out_dir, model.config.model_type, meta)
             else:
                 stale += 1
                 if stale >= cfg.patience:
@@ -223,5 +249,14 @@ def train_editor(model, tokenizer, targets: list[EditTarget], train: EditSplit, 
         if shard.broadcast(stop):
             break
     bar.close()
-    return {"best_score": best, "minutes": round((time.time() - start) / 60, 2), "history": history,
+    minutes = round((time.time() - start) / 60, 2)
+    calibration = None
+    if cfg.gate_pairs:  # on every rank, as validation; the best checkpoint is saved again with the chosen gates
+        editor.load_state_dict(best_state)
+        chosen, tried = calibrate_gates(model, tokenizer, editor.eval(), val.records, cfg.gate_pairs, cfg.min_locality)
+        calibration = {"min_locality": cfg.min_locality, "records": len(val.records), "chosen": chosen, "tried": tried,
+                       "minutes": round((time.time() - start) / 60 - minutes, 2)}
+        if shard.main:
+            save_editor(editor, out_dir, model.config.model_type, {**meta, "calibration": calibration})
+    return {"best_score": best, "minutes": minutes, "history": history, "calibration": calibration,
             "step_seconds": sum(step_seconds) / len(step_seconds)}

@@ -123,6 +123,13 @@ def train_editor_cmd(cfg: DictConfig) -> None:
     for size in (n for n in VAL_SIZES if f"b{n}_reliability_em" in best):
         print(f"  {size:>3} edit(s)/update: " + "  ".join(
             f"{m} {best[f'b{size}_{m}_em']:.3f}" for m in ("reliability", "generality", "locality")))
+    calibration = report["calibration"]
+    if calibration:
+        chosen = calibration["chosen"]
+        print(f"served gates calibrated on {calibration['records']} validation edits in {calibration['minutes']} min: " + (
+            f"gate {chosen['gate']}, last block {chosen['gate_last']} ({chosen['reliability_em']:.3f} / {chosen['generality_em']:.3f} / "
+            f"{chosen['locality_em']:.3f})" if chosen else
+            f"no pair kept locality >= {calibration['min_locality']}; editor.gate left as set (all pairs in editor.json)"))
 
 
 def _methods(cfg, model, names):
