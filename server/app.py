@@ -43,6 +43,7 @@ class ServerConfig:
     read_token: str = ""  # bearer token for queries, named "read_token"; empty = none
     write_token: str = ""  # bearer token for edits and rollbacks (also queries), named "write_token"; empty = none
     tokens_file: str = ""  # YAML/JSON list of named tokens {name, token, scope: read | write} (server.interceptor)
+    anonymous_reads: bool = False  # with tokens configured, let queries through without one (writes still need a write token)
     tls_cert: str = ""  # PEM paths; both or neither
     tls_key: str = ""
     metrics_port: int = -1  # Prometheus /metrics over HTTP; -1 = off, 0 = any free port
@@ -130,7 +131,9 @@ class MendServer:
         """Bind and start serving health at once; load the service in the background. Returns the port."""
         cfg = self.cfg
         size = cfg.max_message_mb * 1024 * 1024
-        self.interceptor = ServiceInterceptor(self.holder, cfg.tokens(), cfg.max_concurrent)
+        tokens = cfg.tokens()
+        self._warn_about_exposure(tokens)
+        self.interceptor = ServiceInterceptor(self.holder, tokens, cfg.max_concurrent, cfg.anonymous_reads)
         self.grpc = grpc.server(
             ThreadPoolExecutor(max_workers=cfg.max_concurrent + 4, thread_name_prefix="mend-rpc"),
             interceptors=[self.interceptor],
@@ -157,6 +160,20 @@ class MendServer:
         if wait:
             loader.join()
         return self.port
+
+    def _warn_about_exposure(self, tokens: list[Token]) -> None:
+        cfg = self.cfg
+        if cfg.tokens_file and (mode := Path(cfg.tokens_file).stat().st_mode) & 0o077:
+            log.warning("the tokens file %s is readable by group or others (mode %o): chmod 600 %s", cfg.tokens_file, mode & 0o777,
+                        cfg.tokens_file)
+        if cfg.host in ("127.0.0.1", "localhost", "::1"):
+            return
+        if not tokens:
+            log.warning("serving on %s with no token configured: anyone who can reach it can edit the model "
+                        "(set MEND_WRITE_TOKEN or server.tokens_file)", cfg.host)
+        elif not cfg.tls_cert:
+            log.warning("serving on %s without TLS: bearer tokens cross the network in clear text (set server.tls_cert and tls_key)",
+                        cfg.host)
 
     def _load(self) -> None:
         try:
@@ -229,8 +246,6 @@ def serve(cfg: ServerConfig, load_service: Callable[[], EditService]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (any(t.scope == "write" for t in cfg.tokens()) and cfg.tls_cert):
-        log.warning("serving on %s without a write token and TLS: anyone who can reach it can edit the model", cfg.host)
     port = server.start()
     scheme = "tls" if cfg.tls_cert else "insecure"
     print(f"listening on {cfg.host}:{port} ({scheme}); loading the model...", flush=True)

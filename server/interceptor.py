@@ -1,10 +1,13 @@
 """One interceptor around every mend.v1 call: request id, auth, readiness, concurrency limit,
 latency metrics, and the single place where domain errors become gRPC status codes.
 
-Auth: bearer tokens, each with a name and a scope (`read`: queries; `write`: also edits and
-rollbacks), from a tokens file (`load_tokens`) and/or the two config tokens. A kind of call with no
-token of its scope configured is open. The caller's token name (else "anonymous") is `CALLER` while
-the call runs; the journal records it as the author of every write.
+Auth fails closed: bearer tokens, each with a name and a scope (`read`: queries; `write`: also
+edits and rollbacks), from a tokens file (`load_tokens`) and/or the two config tokens (the
+environment). With no token configured every call is open; once any token is, every call needs a
+valid one (UNAUTHENTICATED), and writes a write-scoped one (PERMISSION_DENIED for a read token).
+`anonymous_reads` is the one explicit exception: queries without a token. Tokens are compared in
+constant time and never logged. The caller's token name (else "anonymous") is `CALLER` while the
+call runs; the journal records it as the author of every write.
 
 Health and reflection pass through untouched, so generic tools always work.
 """
@@ -91,9 +94,10 @@ class Denied(Exception):
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
-    def __init__(self, holder, tokens: list[Token] = (), max_concurrent: int = 16):
+    def __init__(self, holder, tokens: list[Token] = (), max_concurrent: int = 16, anonymous_reads: bool = False):
         self.holder = holder  # server.app.ServiceHolder: phase, service, metrics
         self.tokens = list(tokens)
+        self.anonymous_reads = anonymous_reads  # queries without a token while tokens protect writes
         self.max_concurrent = max_concurrent
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._count_lock = threading.Lock()
@@ -156,17 +160,21 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         return caller
 
     def _authorize(self, name: str, header: str) -> str:
-        """The name of the caller's token ("anonymous" without one, where the call is open)."""
+        """The name of the caller's token ("anonymous" where no token is needed)."""
         presented = header[len("Bearer "):] if header.startswith("Bearer ") else ""
-        token = next((t for t in self.tokens if presented and hmac.compare_digest(presented, t.secret)), None)
+        token = None
+        for t in self.tokens:  # every token is compared, so the time taken does not tell which one matched
+            if hmac.compare_digest(presented.encode(), t.secret.encode()) and presented:
+                token = t
         is_write = name in WRITE_METHODS
-        if not any(t.scope == ("write" if is_write else "read") for t in self.tokens):
-            return token.name if token else "anonymous"  # this kind of call is open: no token of its scope configured
-        if token is not None and (token.scope == "write" or not is_write):
-            return token.name
-        if token is not None:
+        if not self.tokens:
+            return "anonymous"  # auth is off: no token configured at all
+        if token is None and not presented and not is_write and self.anonymous_reads:
+            return "anonymous"
+        if token is None:
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token" if presented else
+                         "missing bearer token: send metadata 'authorization: Bearer <token>'")
+        if is_write and token.scope != "write":
             raise Denied(grpc.StatusCode.PERMISSION_DENIED, f"{name} changes the model and needs a write token; "
                                                             f"token {token.name!r} has the read scope")
-        if not presented:
-            raise Denied(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token: send metadata 'authorization: Bearer <token>'")
-        raise Denied(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+        return token.name

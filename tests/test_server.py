@@ -14,16 +14,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mend.errors import ConfigError
 from mend.records import EditRecord
 from mend.service import EditService, ServiceLimits
 from server.api.mend.v1 import editing_pb2 as pb
 from server.app import MendServer, ServerConfig
 from server.client import EditClient
 from mend.model_state import edited_state
-
-READ, WRITE = "read-secret", "write-secret"
-
 
 @pytest.fixture
 def start(trained_gpt2_dir, tiny_editor_dir, world, tmp_path):
@@ -219,50 +215,6 @@ def test_concurrent_clients_end_with_weights_equal_to_a_replay_of_the_journal(st
     fresh = edited_state(replay.model)
     assert live.keys() == fresh.keys() and all(torch.equal(live[k], fresh[k]) for k in live)
     replay.close()
-
-
-def test_auth_needs_the_write_token_for_changes(start, records):
-    server, _ = start(read_token=READ, write_token=WRITE)
-    address = f"127.0.0.1:{server.port}"
-    anonymous, reader, writer = EditClient(address), EditClient(address, token=READ), EditClient(address, token=WRITE)
-    assert code_of(lambda: anonymous.generate("hi"))[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert code_of(lambda: EditClient(address, token="guess").info())[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert reader.generate(records[0].prompt, 2) and writer.info().model_revision == 0
-    got, details = code_of(lambda: reader.apply(records[0]))
-    assert got == grpc.StatusCode.PERMISSION_DENIED and "write token" in details
-    assert code_of(lambda: anonymous.rollback_to(0))[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert writer.apply(records[0]).model_revision == 1
-    health = health_pb2_grpc.HealthStub(anonymous.channel)  # health stays open for probes
-    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
-
-
-def test_named_tokens_are_journaled_as_the_authors_of_writes(start, records, tmp_path):
-    (tmp_path / "tokens.yaml").write_text("- {name: alice, token: alice-secret-0123456789, scope: write}\n"
-                                          "- {name: dashboards, token: dash-secret-0123456789, scope: read}\n")
-    server, _ = start(tokens_file=str(tmp_path / "tokens.yaml"), write_token=WRITE)
-    address = f"127.0.0.1:{server.port}"
-    alice, reader = EditClient(address, token="alice-secret-0123456789"), EditClient(address, token="dash-secret-0123456789")
-    got, details = code_of(lambda: reader.apply(records[0]))
-    assert got == grpc.StatusCode.PERMISSION_DENIED and "'dashboards' has the read scope" in details
-    first = alice.apply(records[0])
-    second = EditClient(address, token=WRITE).apply(records[1])
-    alice.rollback(second.edit_id)
-    edits = {e.edit_id: e for e in reader.edits()}
-    assert (edits[first.edit_id].applied_by, edits[first.edit_id].rolled_back_by) == ("alice", "")
-    assert (edits[second.edit_id].applied_by, edits[second.edit_id].rolled_back_by) == ("write_token", "alice")
-
-
-@pytest.mark.parametrize("content, message", [
-    ("- {name: a, token: short, scope: write}", "at least 16 characters"),
-    ("- {name: a, token: aaaaaaaaaaaaaaaaaaaa, scope: admin}", "scope read or write"),
-    ("- {name: a, token: aaaaaaaaaaaaaaaaaaaa, scope: write}\n- {name: a, token: bbbbbbbbbbbbbbbbbbbb, scope: read}", "share a name"),
-    ("- {name: a, token: aaaaaaaaaaaaaaaaaaaa}", "exactly the keys"),
-    ("{}", "non-empty list"),
-])
-def test_a_bad_tokens_file_fails_at_start_naming_what_to_fix(tmp_path, content, message):
-    (tmp_path / "tokens.yaml").write_text(content)
-    with pytest.raises(ConfigError, match=message):
-        ServerConfig(tokens_file=str(tmp_path / "tokens.yaml"))
 
 
 def test_dry_run_and_skip_metrics(start, records):
