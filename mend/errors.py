@@ -53,3 +53,12 @@ class JournalUnavailableError(MendError):
 
 class NotLeaderError(StateConflictError):
     """A write was sent to a read replica; the message names the leader that takes writes."""
+
+
+class JournalFullError(MendError):
+    """The journal's database or disk cannot grow: nothing was written; the write can be retried once there is space."""
+
+
+class JournalCorruptError(MendError):
+    """The journal's file or rows are damaged (a failed page check, or a row whose hash does not match):
+    nothing is served from it; restore a backup or start a new journal."""

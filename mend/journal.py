@@ -1,7 +1,8 @@
 """The durable edit journal: SQLite (the embedded default) or PostgreSQL, one schema, one code path.
 
 `paths.journal` is a directory (SQLite in WAL mode, synchronous=FULL, `journal.sqlite3`) or a
-`postgresql://` URL (psycopg 3; leaders and replicas of one served model share it).
+`postgresql://` URL (psycopg 3; leaders and replicas of one served model share it); the two
+databases are `mend.journal_backends`.
 
 Tables
 - `meta`: the base model's hash the journal belongs to, and the format.
@@ -18,6 +19,11 @@ Tables
   to it, so any past state can be restored exactly, and replaying the revisions in order repeats
   every change of the weights.
 
+Integrity (`mend.journal_integrity`): every edit row and every revision carries a `digest` (a hash
+of the edit; a hash chain over the revisions). Opening a journal checks them all, and the file's
+pages on SQLite; reading keys and values, or a replica's new revisions, checks them again. A damaged
+journal raises JournalCorruptError and is never served from.
+
 Durability: a revision, its edits and their keys and values are one transaction, committed before
 the call that made it returns. One writer: on PostgreSQL the writing server holds an advisory lock
 for its lifetime (a second writer is refused at start), every write transaction takes it too, and
@@ -28,30 +34,33 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import threading
 import time
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import load, save
 
 from mend.aggregation import KeyValues
-from mend.errors import EditNotFoundError, JournalUnavailableError, StateConflictError
+from mend.errors import EditNotFoundError, JournalCorruptError, StateConflictError
+from mend.journal_backends import SCHEMA_LOCK, SQLiteJournalDB, corrupt, open_database, redacted
+from mend.journal_integrity import (EDIT_COLUMNS, REVISION_COLUMNS, chain_damage, edit_damage, edit_digest, find_damage,
+                                    raise_if_damaged, revision_digest)
 from mend.records import EditRecord
 
-FORMAT = "4"  # 4: keys and values in the database; 3: one safetensors file per edit; 2: without authors (both upgraded in place)
+# 5: hashes of edits and revisions; 4: keys and values in the database; 3: one safetensors file per
+# edit; 2: without authors (all upgraded in place)
+FORMAT = "5"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS revisions (
     revision INTEGER PRIMARY KEY, kind TEXT NOT NULL, request_id TEXT UNIQUE, fingerprint TEXT,
-    created DOUBLE PRECISION NOT NULL, author TEXT NOT NULL DEFAULT '');
+    created DOUBLE PRECISION NOT NULL, author TEXT NOT NULL DEFAULT '', digest TEXT);
 CREATE TABLE IF NOT EXISTS edits (
     seq INTEGER PRIMARY KEY, edit_id TEXT UNIQUE NOT NULL, revision INTEGER NOT NULL,
     record TEXT NOT NULL, pre TEXT NOT NULL, post TEXT NOT NULL, data {blob} NOT NULL,
-    editor_hash TEXT NOT NULL, request_id TEXT, author TEXT NOT NULL DEFAULT '', fingerprint TEXT);
+    editor_hash TEXT NOT NULL, request_id TEXT, author TEXT NOT NULL DEFAULT '', fingerprint TEXT, digest TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS edit_request_ids ON edits (request_id) WHERE request_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     revision INTEGER NOT NULL, seq INTEGER NOT NULL, active INTEGER NOT NULL, superseded_by INTEGER,
@@ -59,159 +68,6 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_seq ON events (seq, revision)
 """
 
-EDIT_COLUMNS = "seq, edit_id, revision, record, pre, post, data, editor_hash, request_id, author, fingerprint"
-CHANNEL = "mend_journal"  # PostgreSQL: NOTIFY channel of new revisions
-WRITER_LOCK = 0x6D656E64  # PostgreSQL: advisory lock held by the one writer ("mend"), and by every write transaction
-SCHEMA_LOCK = WRITER_LOCK + 1  # PostgreSQL: taken while the schema is created (replicas too)
-
-
-def is_url(location: str | Path) -> bool:
-    return str(location).startswith(("postgresql://", "postgres://"))
-
-
-def redacted(location: str | Path) -> str:
-    """The journal's location for logs: a URL without its password."""
-    text = str(location)
-    if not is_url(text) or "@" not in text:
-        return text
-    scheme, rest = text.split("://", 1)
-    user, host = rest.rsplit("@", 1)
-    return f"{scheme}://{user.split(':', 1)[0]}:***@{host}" if ":" in user else text
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-class _SQLite:
-    """The embedded default: one file in a directory."""
-
-    blob = "BLOB"
-
-    def __init__(self, directory: Path):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(directory / "journal.sqlite3", check_same_thread=False, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-
-    def execute(self, sql: str, args=()):
-        return self.conn.execute(sql, args)
-
-    def executemany(self, sql: str, rows) -> None:
-        self.conn.executemany(sql, rows)
-
-    @contextmanager
-    def transaction(self, lock: int = 0):
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-
-    def notify(self, revision: int) -> None:  # readers poll
-        pass
-
-    def wait(self, timeout: float) -> None:
-        time.sleep(timeout)
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-class _Postgres:
-    """A PostgreSQL database (psycopg 3), shared by the writing server and its replicas."""
-
-    blob = "BYTEA"
-
-    def __init__(self, url: str, writer: bool):
-        import psycopg
-
-        self.psycopg, self.url, self.writer = psycopg, url, writer
-        self.conn = self._connect()
-        self._listener = None
-        self._in_transaction = False
-
-    def _connect(self):
-        try:
-            conn = self.psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-        except self.psycopg.OperationalError as e:
-            raise JournalUnavailableError(f"cannot connect to the journal database {redacted(self.url)} ({_first_line(e)}); "
-                                          "nothing was written: retry when it is reachable") from None
-        if self.writer and not conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK,)).fetchone()[0]:
-            conn.close()
-            raise StateConflictError(f"another server is writing to the journal {redacted(self.url)}: send edits to it, "
-                                     "or start this one as a replica (server.role=replica)")
-        return conn
-
-    @contextmanager
-    def _unavailable(self):
-        try:
-            yield
-        except self.psycopg.OperationalError as e:
-            raise JournalUnavailableError(
-                f"the journal database {redacted(self.url)} became unreachable ({_first_line(e)}): "
-                "retry; with the same request_id a write that did commit is not applied twice") from None
-
-    def _first(self, sql: str, args=()):
-        """Run a statement that starts something (a read, a BEGIN): on a connection the database dropped
-        (a restart, a terminated session), once more on a new one, which takes the writer's lock again."""
-        with self._unavailable():
-            try:
-                return self.conn.execute(sql, args)
-            except self.psycopg.OperationalError:
-                if not self.conn.broken:
-                    raise
-                self.conn = self._connect()
-                return self.conn.execute(sql, args)
-
-    def execute(self, sql: str, args=()):
-        sql = sql.replace("?", "%s")
-        if self._in_transaction:
-            with self._unavailable():
-                return self.conn.execute(sql, args)
-        return self._first(sql, args)
-
-    def executemany(self, sql: str, rows) -> None:  # only inside a transaction
-        with self._unavailable(), self.conn.cursor() as cur:
-            cur.executemany(sql.replace("?", "%s"), rows)
-
-    @contextmanager
-    def transaction(self, lock: int = WRITER_LOCK):
-        self._first("BEGIN")
-        self._in_transaction = True
-        try:
-            self.execute("SELECT pg_advisory_xact_lock(?)", (lock,))  # one at a time
-            yield
-            self.execute("COMMIT")
-        except BaseException:
-            if not self.conn.broken:
-                with suppress(self.psycopg.OperationalError):  # the error that got here is the one to report
-                    self.conn.execute("ROLLBACK")
-            raise
-        finally:
-            self._in_transaction = False
-
-    def notify(self, revision: int) -> None:  # inside the write transaction: delivered at its commit
-        self.execute("SELECT pg_notify(?, ?)", (CHANNEL, str(revision)))
-
-    def wait(self, timeout: float) -> None:
-        """Until a revision is committed (LISTEN), or `timeout` seconds: polling stays the fallback."""
-        try:
-            if self._listener is None or self._listener.broken:
-                self._listener = self.psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-                self._listener.execute(f"LISTEN {CHANNEL}")
-            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                pass
-        except self.psycopg.OperationalError:
-            self._listener = None
-            time.sleep(timeout)
-
-    def close(self) -> None:
-        for conn in (self.conn, self._listener):
-            if conn is not None:
-                conn.close()
 
 
 @dataclass(frozen=True)
@@ -250,17 +106,19 @@ class JournalEdit:
 
 class EditJournal:
     def __init__(self, location: str | Path, base_model_hash: str, writer: bool = True):
-        """`location`: a directory (SQLite) or a postgresql:// URL. `writer=False` (a replica) only reads."""
+        """`location`: a directory (SQLite) or a postgresql:// URL. `writer=False` (a replica) only reads.
+        A damaged journal raises JournalCorruptError (`mend.journal_integrity`)."""
         self.location = redacted(location)
         self._lock = threading.Lock()
-        self._db = _Postgres(str(location), writer) if is_url(location) else _SQLite(Path(location))
+        self._db = open_database(location, writer)
         try:
-            self._open(location, base_model_hash)
+            self._open(location, base_model_hash, writer)
+            raise_if_damaged(self._db, self.location)
         except BaseException:
             self._db.close()
             raise
 
-    def _open(self, location, base_model_hash: str) -> None:
+    def _open(self, location, base_model_hash: str, writer: bool) -> None:
         db = self._db
         with db.transaction(SCHEMA_LOCK):
             for statement in SCHEMA.format(blob=db.blob).split(";"):
@@ -269,28 +127,41 @@ class EditJournal:
             if not meta:
                 db.executemany("INSERT INTO meta VALUES (?, ?)", [("base_model_hash", base_model_hash), ("format", FORMAT)])
                 meta = {"base_model_hash": base_model_hash, "format": FORMAT}
-        if isinstance(db, _SQLite) and meta.get("format") in ("2", "3"):
-            self._upgrade(Path(location), meta["format"])
-            meta["format"] = FORMAT
-        if meta.get("format") != FORMAT:
-            raise StateConflictError(f"the journal at {self.location} was written by an older version (format {meta.get('format', 1)}, "
-                                     f"not {FORMAT}): give the server a new journal directory (or database) and re-apply its edits")
+        fmt = meta.get("format")
+        if fmt in ("2", "3", "4") and (writer or isinstance(db, SQLiteJournalDB)):
+            self._upgrade(Path(location), fmt)
+        elif fmt != FORMAT:
+            raise StateConflictError(f"the journal at {self.location} is of format {fmt or 1}, not {FORMAT}: " + (
+                "start its leader first, which upgrades it in place" if fmt in ("2", "3", "4") else
+                "it was written by an older version of mend; give the server a new journal directory (or database) and re-apply its edits"))
         if meta["base_model_hash"] != base_model_hash:
             raise StateConflictError(f"the journal at {self.location} belongs to base model {meta['base_model_hash'][:12]}, "
                                      f"not {base_model_hash[:12]}: point the server at that model, or give it a new journal directory (or database)")
 
     def _upgrade(self, directory: Path, fmt: str) -> None:
-        """An SQLite journal of format 2 (no authors) or 3 (keys and values in files under factors/): to format 4."""
+        """A journal of format 2 (no authors) or 3 (keys and values in files under factors/; both SQLite
+        only) or 4 (no hashes): to format 5, in one transaction."""
         db, factors = self._db, directory / "factors"
         with db.transaction():
             if fmt == "2":
                 for table, column in (("revisions", "author TEXT NOT NULL DEFAULT ''"), ("edits", "author TEXT NOT NULL DEFAULT ''"),
                                       ("edits", "fingerprint TEXT")):
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
-            db.execute("ALTER TABLE edits ADD COLUMN data BLOB")
-            for seq, name in db.execute("SELECT seq, factors_file FROM edits").fetchall():
-                db.execute("UPDATE edits SET data=? WHERE seq=?", ((factors / name).read_bytes(), seq))
-            db.execute("ALTER TABLE edits DROP COLUMN factors_file")
+            if fmt in ("2", "3"):
+                db.execute("ALTER TABLE edits ADD COLUMN data BLOB")
+                for seq, name in db.execute("SELECT seq, factors_file FROM edits").fetchall():
+                    db.execute("UPDATE edits SET data=? WHERE seq=?", ((factors / name).read_bytes(), seq))
+                db.execute("ALTER TABLE edits DROP COLUMN factors_file")
+            for table in ("revisions", "edits"):
+                db.execute(f"ALTER TABLE {table} ADD COLUMN digest TEXT")
+            for row in db.execute(f"SELECT {EDIT_COLUMNS} FROM edits ORDER BY seq").fetchall():
+                db.execute("UPDATE edits SET digest=? WHERE seq=?", (edit_digest(row), row[0]))
+            previous = ""
+            for row in db.execute(f"SELECT {REVISION_COLUMNS} FROM revisions ORDER BY revision").fetchall():
+                events = db.execute("SELECT seq, active, superseded_by FROM events WHERE revision=? ORDER BY seq", (row[0],)).fetchall()
+                digests = [d for (d,) in db.execute("SELECT digest FROM edits WHERE revision=? ORDER BY seq", (row[0],)).fetchall()]
+                previous = revision_digest(previous, row, events, digests)
+                db.execute("UPDATE revisions SET digest=? WHERE revision=?", (previous, row[0]))
             db.execute("UPDATE meta SET value=? WHERE key='format'", (FORMAT,))
         shutil.rmtree(factors, ignore_errors=True)  # after the commit: their bytes are in the database now
 
@@ -339,8 +210,11 @@ class EditJournal:
         return {seq: EditState(bool(active), by) for seq, active, by in rows}
 
     def changes(self, after: int, upto: int) -> list[tuple[int, dict[int, EditState]]]:
-        """(revision, {seq: new state}) of every revision in (after, upto] that changed a state, in order."""
+        """(revision, {seq: new state}) of every revision in (after, upto] that changed a state, in order;
+        JournalCorruptError when those revisions do not match their hash chain."""
         with self._lock:
+            if problems := chain_damage(self._db, after, upto):
+                raise corrupt(self.location, "; ".join(problems[:3]))
             rows = self._db.execute("SELECT revision, seq, active, superseded_by FROM events WHERE revision>? AND revision<=? "
                                     "ORDER BY revision, seq", (after, upto)).fetchall()
         out: dict[int, dict[int, EditState]] = {}
@@ -390,17 +264,21 @@ class EditJournal:
         ]
 
     def load_key_values(self, seqs: list[int]) -> dict[int, KeyValues]:
-        """{seq: its keys and values per layer} for these edits, read in one query."""
+        """{seq: its keys and values per layer} for these edits, read in one query and checked against
+        their hashes (JournalCorruptError when one differs)."""
         rows, seqs = [], list(seqs)
         with self._lock:
             for i in range(0, len(seqs), 500):  # SQLite takes a bounded number of parameters per statement
                 chunk = seqs[i : i + 500]
-                rows += self._db.execute(f"SELECT seq, data FROM edits WHERE seq IN ({', '.join('?' * len(chunk))})", tuple(chunk)).fetchall()
-        missing = set(seqs) - {seq for seq, _ in rows}
+                rows += self._db.execute(f"SELECT {EDIT_COLUMNS}, digest FROM edits WHERE seq IN ({', '.join('?' * len(chunk))})",
+                                         tuple(chunk)).fetchall()
+        missing = set(seqs) - {row[0] for row in rows}
         if missing:
             raise EditNotFoundError(f"no edits with sequence numbers {sorted(missing)}")
+        if problems := edit_damage(rows):
+            raise corrupt(self.location, "; ".join(problems[:3]))
         out = {}
-        for seq, data in rows:
+        for seq, data in ((row[0], row[6]) for row in rows):
             flat = load(bytes(data))
             out[seq] = {n: (flat[f"{n}.keys"], flat[f"{n}.values"]) for n in sorted({k.rsplit(".", 1)[0] for k in flat})}
         return out
@@ -425,24 +303,54 @@ class EditJournal:
             revision = self._last_revision() + 1
             first = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()[0] + 1
             seqs = list(range(first, first + len(records)))
-            self._db.execute("INSERT INTO revisions VALUES (?, 'apply', ?, ?, ?, ?)",
-                             (revision, request_id or None, fingerprint, time.time(), ", ".join(dict.fromkeys(authors))))
-            self._db.executemany(f"INSERT INTO edits ({EDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-                (seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), blob, editor_hash,
-                 key or None, author, print_)
-                for seq, rec, blob, p, q, key, author, print_ in zip(seqs, records, blobs, pre, post, keys, authors, fingerprints)])
-            self._insert_events(revision, {**{s: EditState(True) for s in seqs}, **(states or {})})
+            rows = [(seq, f"edit-{seq:06d}", revision, json.dumps(rec.to_dict()), json.dumps(p), json.dumps(q), blob, editor_hash,
+                     key or None, author, print_)
+                    for seq, rec, blob, p, q, key, author, print_ in zip(seqs, records, blobs, pre, post, keys, authors, fingerprints)]
+            digests = [edit_digest(row) for row in rows]
+            self._db.executemany(f"INSERT INTO edits ({EDIT_COLUMNS}, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 [(*row, d) for row, d in zip(rows, digests)])
+            self._write_revision((revision, "apply", request_id or None, fingerprint, time.time(), ", ".join(dict.fromkeys(authors))),
+                                 {**{s: EditState(True) for s in seqs}, **(states or {})}, digests)
         return revision, self.edits(revision=revision)
 
-    def _insert_events(self, revision: int, states: dict[int, EditState]) -> None:  # inside a write transaction
-        self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
-                             [(revision, s, int(st.active), st.superseded_by) for s, st in sorted(states.items())])
+    def _write_revision(self, row: tuple, states: dict[int, EditState], edit_digests: list[str]) -> None:
+        """Insert revision `row` (REVISION_COLUMNS) with its state changes, chained to the previous revision's
+        hash, and notify replicas (inside a write transaction)."""
+        revision = row[0]
+        previous = self._db.execute("SELECT digest FROM revisions WHERE revision=?", (revision - 1,)).fetchone() if revision > 1 else ("",)
+        events = [(s, int(st.active), st.superseded_by) for s, st in sorted(states.items())]
+        digest = revision_digest(previous[0], row, events, edit_digests)
+        self._db.execute(f"INSERT INTO revisions ({REVISION_COLUMNS}, digest) VALUES (?, ?, ?, ?, ?, ?, ?)", (*row, digest))
+        self._db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", [(revision, *e) for e in events])
         self._db.notify(revision)
 
     def append_states(self, kind: str, states: dict[int, EditState], author: str = "anonymous") -> int:
         """A rollback (`kind` rollback or rollback_to): a new revision with these edits' new states."""
         with self._lock, self._db.transaction():
             revision = self._last_revision() + 1
-            self._db.execute("INSERT INTO revisions VALUES (?, ?, NULL, '', ?, ?)", (revision, kind, time.time(), author))
-            self._insert_events(revision, states)
+            self._write_revision((revision, kind, None, "", time.time(), author), states, [])
         return revision
+
+
+def check_journal(location: str | Path) -> list[str]:
+    """`mend journal check`: every problem found in the journal at `location`, indexes included ([]: all is well)."""
+    db = open_database(location, writer=False, create=False)
+    try:
+        fmt = dict(db.execute("SELECT key, value FROM meta").fetchall()).get("format")
+        if fmt != FORMAT:
+            return [f"format {fmt or '?'}, not {FORMAT}: `mend serve` on it upgrades it in place (then check again)"]
+        return find_damage(db, full=True)
+    except JournalCorruptError as e:
+        return [str(e)]
+    finally:
+        db.close()
+
+
+def backup_journal(location: str | Path, dest: str | Path) -> Path:
+    """`mend journal backup`: an online, consistent copy of the journal at `location`, written to `dest`
+    (SQLite: a new directory, which `paths.journal` can name; PostgreSQL: a `pg_dump` archive file)."""
+    db = open_database(location, writer=False, create=False)
+    try:
+        return db.backup(Path(dest))
+    finally:
+        db.close()

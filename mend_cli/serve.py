@@ -79,7 +79,7 @@ def loadtest_cmd(cfg: DictConfig) -> None:
     from mend.benchmark import forward_backward_seconds
     from mend.data.world import World
     from mend.errors import ConfigError
-    from mend.journal import is_url
+    from mend.journal_backends import is_url
     from server.load_test import format_rows, memory_profile, run_load
 
     replica = cfg.loadtest.replica

@@ -27,7 +27,8 @@ import grpc
 import yaml
 
 from mend.errors import (CheckpointMismatchError, ConfigError, DeadlineExceededError, EditNotFoundError, InvalidEditError,
-                         JournalUnavailableError, MendError, NoEditorError, StateConflictError, TargetResolutionError)
+                         JournalCorruptError, JournalFullError, JournalUnavailableError, MendError, NoEditorError,
+                         StateConflictError, TargetResolutionError)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ STATUS_OF = {  # most specific class first; the first match along the exception'
     CheckpointMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     JournalUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    JournalFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    JournalCorruptError: grpc.StatusCode.DATA_LOSS,
     MendError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

@@ -152,10 +152,21 @@ def test_journal_of_another_base_model_is_refused(open_service, tmp_path, gpt2_d
         EditService.open(str(gpt2_dir), None, str(tmp_path / "journal"), device="cpu", n_last_blocks=2)
 
 
+def _as_format_4(journal):
+    """Rewrite a journal as format 4 kept it: without the hashes of edits and revisions."""
+    import sqlite3
+
+    with sqlite3.connect(journal / "journal.sqlite3") as db:
+        for table in ("revisions", "edits"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN digest")
+        db.execute("UPDATE meta SET value='4' WHERE key='format'")
+
+
 def _as_format_3(journal):
     """Rewrite a journal as formats 2 and 3 kept keys and values: one safetensors file per edit under factors/."""
     import sqlite3
 
+    _as_format_4(journal)
     factors = journal / "factors"
     factors.mkdir()
     with sqlite3.connect(journal / "journal.sqlite3") as db:
@@ -182,8 +193,26 @@ def test_a_journal_of_format_3_moves_its_factor_files_into_the_database(open_ser
     assert not factors.exists() and reopened.n_active == 2
     assert_same(weights(reopened), live)
     with sqlite3.connect(tmp_path / "journal" / "journal.sqlite3") as db:
-        assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("4",)
+        assert db.execute("SELECT value FROM meta WHERE key='format'").fetchone() == ("5",)
         assert all(load(data) for (data,) in db.execute("SELECT data FROM edits"))
+
+
+def test_a_journal_of_format_4_gets_its_hashes_and_keeps_its_edits(open_service, records, tmp_path):
+    from mend.journal import check_journal
+
+    service = open_service()
+    service.apply([records[0], records[1]])
+    service.rollback_edit("edit-000001")
+    live = weights(service)
+    service.close()
+    _as_format_4(tmp_path / "journal")
+    assert check_journal(tmp_path / "journal") == ["format 4, not 5: `mend serve` on it upgrades it in place (then check again)"]
+    reopened = open_service()
+    assert reopened.n_active == 1 and reopened.revision == 2
+    assert_same(weights(reopened), live)
+    reopened.apply([records[2]])
+    reopened.close()
+    assert check_journal(tmp_path / "journal") == []
 
 
 def test_score_and_generate_agree(open_service, records):
