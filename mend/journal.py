@@ -113,7 +113,7 @@ class EditJournal:
         self._db = open_database(location, writer)
         try:
             self._open(location, base_model_hash, writer)
-            raise_if_damaged(self._db, self.location)
+            raise_if_damaged(self._db)
         except BaseException:
             self._db.close()
             raise
@@ -214,7 +214,7 @@ class EditJournal:
         JournalCorruptError when those revisions do not match their hash chain."""
         with self._lock:
             if problems := chain_damage(self._db, after, upto):
-                raise corrupt(self.location, "; ".join(problems[:3]))
+                raise corrupt(self._db.name, "; ".join(problems[:3]))
             rows = self._db.execute("SELECT revision, seq, active, superseded_by FROM events WHERE revision>? AND revision<=? "
                                     "ORDER BY revision, seq", (after, upto)).fetchall()
         out: dict[int, dict[int, EditState]] = {}
@@ -276,7 +276,7 @@ class EditJournal:
         if missing:
             raise EditNotFoundError(f"no edits with sequence numbers {sorted(missing)}")
         if problems := edit_damage(rows):
-            raise corrupt(self.location, "; ".join(problems[:3]))
+            raise corrupt(self._db.name, "; ".join(problems[:3]))
         out = {}
         for seq, data in ((row[0], row[6]) for row in rows):
             flat = load(bytes(data))
@@ -334,7 +334,10 @@ class EditJournal:
 
 def check_journal(location: str | Path) -> list[str]:
     """`mend journal check`: every problem found in the journal at `location`, indexes included ([]: all is well)."""
-    db = open_database(location, writer=False, create=False)
+    try:
+        db = open_database(location, writer=False, create=False)
+    except JournalCorruptError as e:
+        return [str(e)]
     try:
         fmt = dict(db.execute("SELECT key, value FROM meta").fetchall()).get("format")
         if fmt != FORMAT:

@@ -60,6 +60,7 @@ class SQLiteJournalDB:
 
     def __init__(self, directory: Path, create: bool = True):
         self.path = directory / FILE
+        self.name = str(self.path)  # what messages call it
         if not create and not self.path.is_file():
             raise JournalUnavailableError(f"no journal at {directory} (no {FILE} there)")
         wal = self.path.with_name(FILE + "-wal")
@@ -145,6 +146,7 @@ class PostgresJournalDB:
         import psycopg
 
         self.psycopg, self.url, self.writer = psycopg, url, writer
+        self.name = redacted(url)  # what messages call it
         self.conn = self._connect()
         self._listener = None
         self._in_transaction = False

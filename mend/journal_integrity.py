@@ -16,7 +16,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from mend.journal_backends import corrupt, redacted
+from mend.journal_backends import corrupt
 
 EDIT_COLUMNS = "seq, edit_id, revision, record, pre, post, data, editor_hash, request_id, author, fingerprint"
 REVISION_COLUMNS = "revision, kind, request_id, fingerprint, created, author"
@@ -90,7 +90,7 @@ def find_damage(db, full: bool = False) -> list[str]:
     return problems
 
 
-def raise_if_damaged(db, location: str) -> None:
+def raise_if_damaged(db) -> None:
     if problems := find_damage(db):
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise corrupt(redacted(location), "; ".join(problems[:3]) + more)
+        raise corrupt(db.name, "; ".join(problems[:3]) + more)

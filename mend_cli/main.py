@@ -430,6 +430,7 @@ JOURNAL_COMMANDS = {
     "edit": "apply a JSONL batch edit file to a server (--server ADDR) or locally",
     "rollback": "roll back an edit (EDIT_ID) or to a revision (--to N)",
     "edits": "list the edit journal",
+    "journal": "check the journal's integrity (`journal check`) or back it up online (`journal backup DEST`)",
 }
 
 
@@ -438,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     config_dir = None
     if argv[:1] == ["--config-dir"] and len(argv) > 1:  # before the command: `mend --config-dir DIR COMMAND ...`
         config_dir, argv = argv[1], argv[2:]
+    if argv[:1] == ["journal"]:
+        from mend_cli.journal_cmd import run as journal
+
+        return journal(argv[1:], functools.partial(load_config, config_dir=config_dir))
     if argv and argv[0] in JOURNAL_COMMANDS:  # these take flags as well as key=value overrides
         from mend_cli.edit_file import run
 

@@ -187,6 +187,10 @@ class Postgres:
             conn.execute(f"CREATE DATABASE journal_{self.n}")
         return f"{self.url}/journal_{self.n}"
 
+    def restart(self, mode="fast"):
+        self._run("pg_ctl", "-D", f"{self.root}/data", "-l", f"{self.root}/log", "-m", mode, "-w", "restart", "-o",
+                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200")
+
     def stop(self, mode="immediate"):
         self._run("pg_ctl", "-D", f"{self.root}/data", "-m", mode, "-w", "stop")
 
