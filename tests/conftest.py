@@ -89,6 +89,20 @@ def _same_up_to_rounding(a, b):
         assert bool(((a[k] - b[k]).abs() <= _step(b[k])).all()), k
 
 
+def weights(service):
+    """The served model's edited state: its weights and edit memories."""
+    from mend.model_state import edited_state
+
+    return edited_state(service.model)
+
+
+def assert_same(a, b):
+    """Equal bit for bit, tensor by tensor."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.fixture
 def assert_same_up_to_rounding():
     return _same_up_to_rounding

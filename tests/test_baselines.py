@@ -5,7 +5,6 @@ from mend.baselines import FineTune, FTConfig
 from mend.editing import edited_weights
 from mend.errors import ConfigError
 from mend.metrics import locality_reference, measure
-from mend.records import EditRecord
 from mend.targets import resolve_targets
 
 

@@ -1,7 +1,6 @@
 """Faults beyond SIGKILL: a journal that cannot grow, a damaged journal, PostgreSQL restarted under a
 stream of edits; and `mend journal check` / `mend journal backup`."""
 
-import functools
 import sqlite3
 import subprocess
 import sys
@@ -10,27 +9,18 @@ import time
 
 import grpc
 import pytest
-import torch
 from safetensors.torch import load, save
 
 from mend.errors import JournalCorruptError
 from mend.journal import backup_journal, check_journal
-from mend.model_state import edited_state
 from server.app import MendServer, ServerConfig
 from server.client import EditClient
+from conftest import assert_same, weights
 
 
 @pytest.fixture
 def records(world):
     return world.edit_split("test").records + world.edit_split("val").records
-
-
-def weights(service):
-    return edited_state(service.model)
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def serve(open_service, **service):

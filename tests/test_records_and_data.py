@@ -1,12 +1,11 @@
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from mend.batching import encode
 from mend.data.loaders import SHARED_DATA, load_split
-from mend.data.world import World, WorldConfig, generate_world
+from mend.data.world import WorldConfig, generate_world
 from mend.errors import InvalidEditError
 from mend.records import EditRecord
 

@@ -14,16 +14,15 @@ import time
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mend.errors import JournalUnavailableError, NotLeaderError, StateConflictError
 from mend.models import load_model
 from mend.records import EditRecord
-from mend.service import EditService
 from server.app import MendServer, ServerConfig
 from server.client import EditClient
 from mend.model_state import edited_state
+from conftest import assert_same, weights
 
 
 @pytest.fixture
@@ -34,14 +33,6 @@ def open_service(open_service, pg_journal):  # the shared fixture, on a new Post
 @pytest.fixture
 def records(world):
     return world.edit_split("test").records + world.edit_split("val").records
-
-
-def weights(service):
-    return edited_state(service.model)
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_postgresql_journal_keeps_the_guarantees_of_the_embedded_one(open_service, records, trained_gpt2_dir):

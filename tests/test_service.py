@@ -12,15 +12,12 @@ from mend.errors import EditNotFoundError, InvalidEditError, NoEditorError, Stat
 from mend.models import load_model
 from mend.records import EditRecord
 from mend.service import EditService
+from conftest import assert_same, weights
 
 
 @pytest.fixture
 def records(world):
     return world.edit_split("test").records
-
-
-def weights(service):
-    return edited_state(service.model)
 
 
 def rows_in_one_order(state):
@@ -36,11 +33,6 @@ def rows_in_one_order(state):
             out[f"{name}.{attr}"] = state[f"{name}.{attr}"][:, order]
     return out
 
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_apply_then_rollback_everything_restores_the_base_model_bit_for_bit(open_service, records, trained_gpt2_dir):
